@@ -1,0 +1,64 @@
+"""The `llminfer` command: `generate` a continuation, or check the `env`ironment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from llminfer.generate import generate
+    from llminfer.models.loader import load_model
+    from llminfer.sampling import SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        seed=args.seed, max_tokens=args.max_tokens,
+    )
+    if not args.prompt:
+        raise ValueError("prompt is empty: give at least one character with --prompt")
+    model, tokenizer = load_model(args.model, device=args.device)
+    result = generate(model, tokenizer, args.prompt, params)
+    print((args.prompt if args.echo else "") + result.text)
+    return 0
+
+
+def _env(args: argparse.Namespace) -> int:
+    from llminfer.environment import report
+
+    lines, ok = report()
+    print("\n".join(lines))
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llminfer", description="The companion engine of the LLM inference book.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt with a model")
+    gen.add_argument("--model", default="tiny-shakespeare", help="shipped name, local directory or Hub id")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 disables")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if present)")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    gen.set_defaults(run=_generate)
+    env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
+    env.set_defaults(run=_env)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"llminfer: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""What `llminfer env` reports: dependencies, the device, and how Triton kernels would run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+
+import torch
+
+REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"]
+OPTIONAL = {"jupyter-book": "book extra", "vllm": "vllm extra, GPU only"}
+
+
+def dependency_rows() -> list[tuple[str, str, str]]:
+    """(status, package, detail) per dependency; status is OK, FAIL, or -- for an absent optional one."""
+    required = REQUIRED + (["triton"] if sys.platform == "linux" else [])
+    rows = []
+    for name in required + list(OPTIONAL):
+        try:
+            rows.append(("OK", name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            if name in OPTIONAL:
+                rows.append(("--", name, f"not installed ({OPTIONAL[name]})"))
+            else:
+                rows.append(("FAIL", name, "not installed"))
+    return rows
+
+
+def device_description() -> str:
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"cuda:0 {torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
+    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), no GPU"
+
+
+def triton_mode() -> str:
+    """How a Triton kernel would run here: compiled on a GPU, interpreted, or not at all."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "unavailable: kernels fall back to their PyTorch references"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreted (TRITON_INTERPRET=1): correct but ~1000x slower than compiled"
+    if torch.cuda.is_available():
+        return "compiled for the GPU"
+    return "not compiled (no GPU): the engine uses PyTorch references; TRITON_INTERPRET=1 runs kernels interpreted"
+
+
+def report() -> tuple[list[str], bool]:
+    """The lines `llminfer env` prints, and whether every required dependency is present."""
+    rows = dependency_rows()
+    lines = [f"[{status}] {name} {detail}" for status, name, detail in rows]
+    lines.append(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
+    lines.append(f"device: {device_description()}")
+    lines.append(f"triton kernels: {triton_mode()}")
+    return lines, all(status != "FAIL" for status, _, _ in rows)

@@ -1,0 +1,53 @@
+"""The `llminfer` command, run as a user runs it, in a subprocess."""
+
+import subprocess
+import sys
+
+import pytest
+
+import llminfer
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llminfer.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_generate_prints_the_greedy_continuation():
+    result = run("generate", "--model", "tiny-shakespeare", "--prompt", "ROMEO:", "--max-tokens", "64",
+                 "--temperature", "0", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = llminfer.load_model("tiny-shakespeare", device="cpu")
+    expected = llminfer.generate(model, tokenizer, "ROMEO:", llminfer.SamplingParams(temperature=0, max_tokens=64))
+    assert result.stdout == expected.text + "\n"
+    assert len(expected.token_ids) == 64
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--prompt", ""], "prompt is empty"),
+        (["--temperature", "-1"], "-1"),
+        (["--top-p", "1.5"], "1.5"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1, got 0"),
+    ],
+)
+def test_bad_input_exits_non_zero_with_one_line_naming_it(args, named):
+    base = {"--model": "tiny-shakespeare", "--prompt": "ROMEO:"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = run("generate", *[x for kv in base.items() for x in kv], "--device", "cpu")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+    assert result.stdout == ""
+
+
+def test_env_reports_each_dependency_device_and_triton():
+    result = run("env")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for package in ("torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"):
+        assert any(line.startswith("[OK] " + package + " ") for line in lines), package
+    assert any(line.startswith("device: ") for line in lines)
+    assert any(line.startswith("triton kernels: ") for line in lines)
