@@ -1,7 +1,7 @@
 """llminfer: a small, readable, fast LLM inference engine, and the companion of the book."""
 
 from llminfer.device import default_device, default_dtype
-from llminfer.generate import Generation, generate, generate_tokens
+from llminfer.generate import Generation, generate, generate_tokens, generate_tokens_no_cache
 from llminfer.models.loader import load_model
 from llminfer.models.registry import default_model_name
 from llminfer.sampling import SamplingParams
@@ -16,5 +16,6 @@ __all__ = [
     "default_model_name",
     "generate",
     "generate_tokens",
+    "generate_tokens_no_cache",
     "load_model",
 ]

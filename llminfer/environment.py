@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from llminfer.bench.record import cpu_model
+
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"]
 OPTIONAL = {"jupyter-book": "book extra", "vllm": "vllm extra, GPU only"}
 
@@ -32,7 +34,7 @@ def device_description() -> str:
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
         return f"cuda:0 {torch.cuda.get_device_name(0)} (compute capability {major}.{minor})"
-    return f"cpu {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), no GPU"
+    return f"cpu {cpu_model()} ({torch.get_num_threads()} threads), no GPU"
 
 
 def triton_mode() -> str:

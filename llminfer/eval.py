@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,3 +55,10 @@ def nats_per_char(model: Callable, tokenizer, text: str, context: int = 512, **k
         raise ValueError("the tokenizer does not round-trip this text; nats per character would be wrong")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     return total_nats(model, token_ids, bos, context=context, **kwargs) / len(text)
+
+
+def perplexity(model: Callable, tokenizer, text: str, context: int = 512, **kwargs) -> float:
+    """exp(mean nats per token): how many tokens the model is, on average, choosing between."""
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return math.exp(total_nats(model, token_ids, bos, context=context, **kwargs) / len(token_ids))

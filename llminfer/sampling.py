@@ -1,47 +1,128 @@
-"""Sampling parameters (vLLM's field names) and the logit transforms that implement them.
+"""Sampling parameters (vLLM's field names and defaults) and the sampler that implements them.
 
-The order is vLLM's: temperature, then top-k, then top-p, then min-p, then a draw.
-Each transform maps logits to logits, masking removed tokens with -inf, so the chapters can
-show what each one does to the distribution.
+One step, in vLLM's order: penalties from the tokens seen so far, the min_tokens mask, then
+either greedy argmax or temperature, top-k, top-p, min-p and a draw. Each transform maps logits
+to logits, masking removed tokens with -inf, so the chapters can show what each one does to the
+distribution. Stop strings are checked on the decoded text, logprobs on the raw logits.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# The numeric fields of SamplingParams, grouped by the values they accept.
+_NUMERIC_FIELDS = (
+    ("an int", Integral, ("n", "top_k", "max_tokens", "min_tokens")),
+    ("an int or None", (Integral, type(None)), ("seed", "logprobs", "prompt_logprobs")),
+    ("a number", Real,
+     ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")),
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _as_list(name: str, value: object, item_type: type, kind: str) -> list:
+    """None, one item, or a list or tuple of items, as a new list."""
+    items = [] if value is None else [value] if isinstance(value, item_type) else value
+    _require(isinstance(items, (list, tuple)) and all(isinstance(item, item_type) for item in items),
+             f"{name} must be {kind}, a list of them, or None, got {value!r}")
+    return list(items)
 
 
 @dataclass
 class SamplingParams:
-    """How to pick each next token. `temperature=0` means greedy."""
+    """How to pick each next token and when to stop, with vLLM's names and defaults.
 
+    `temperature=0` means greedy; `top_k` 0 or -1, `top_p=1` and `min_p=0` switch truncation off.
+    """
+
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     temperature: float = 1.0
-    top_k: int = 0
     top_p: float = 1.0
+    top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
-    max_tokens: int = 16
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        for kind, types, names in _NUMERIC_FIELDS:
+            for name in names:
+                value = getattr(self, name)
+                _require(isinstance(value, types), f"{name} must be {kind}, got {value!r}")
+        _require(self.n >= 1, f"n must be >= 1, got {self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(-2 <= value <= 2, f"{name} must be in [-2, 2], got {value}")
+        _require(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(self.top_k >= -1, f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
+        _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}")
+        _require(self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}")
+        _require(self.min_tokens <= self.max_tokens,
+                 f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, max_tokens={self.max_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+        self.stop = _as_list("stop", self.stop, str, "a str")
+        _require(all(self.stop), f"stop strings must be non-empty, got {self.stop!r}")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, Integral, "an int")
+        _require(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def apply_penalties(
+    logits: torch.Tensor, prompt_token_ids: Sequence[int], output_token_ids: Sequence[int], params: SamplingParams
+) -> torch.Tensor:
+    """Discourage repeats in one request's logits [vocab]: the repetition penalty for every token seen in
+    the prompt or the output, then the frequency and presence penalties for tokens of the output only."""
+    if params.repetition_penalty == 1 and params.frequency_penalty == 0 and params.presence_penalty == 0:
+        return logits
+    vocab = logits.shape[-1]
+    prompt = torch.as_tensor(prompt_token_ids, dtype=torch.long, device=logits.device)
+    output = torch.as_tensor(output_token_ids, dtype=torch.long, device=logits.device)
+    output_counts = torch.bincount(output, minlength=vocab)
+    seen = (torch.bincount(prompt, minlength=vocab) > 0) | (output_counts > 0)
+    # CTRL's rule: a seen token always becomes less likely, so a negative logit is multiplied, not divided.
+    penalised = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - params.frequency_penalty * output_counts.to(logits.dtype)
+    return logits - params.presence_penalty * (output_counts > 0).to(logits.dtype)
+
+
+def apply_min_tokens(
+    logits: torch.Tensor, num_output_tokens: int, params: SamplingParams, eos_token_ids: Sequence[int]
+) -> torch.Tensor:
+    """Forbid ending (EOS unless `ignore_eos`, and `stop_token_ids`) until the output has `min_tokens` tokens."""
+    if num_output_tokens >= params.min_tokens:
+        return logits
+    ending = list(params.stop_token_ids) + ([] if params.ignore_eos else list(eos_token_ids))
+    return logits.index_fill(-1, torch.tensor(ending, dtype=torch.long, device=logits.device), float("-inf"))
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -102,3 +183,55 @@ def make_generator(params: SamplingParams, device: torch.device | str) -> torch.
     if params.seed is None:
         return None
     return torch.Generator(device=device).manual_seed(params.seed)
+
+
+def next_token(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int],
+) -> int:
+    """One request's next token from its logits [vocab]: penalties, the min_tokens mask, then greedy or a draw."""
+    logits = apply_penalties(logits.float(), prompt_token_ids, output_token_ids, params)
+    logits = apply_min_tokens(logits, len(output_token_ids), params, eos_token_ids)
+    return int(sample_next_token(logits, params, generator))
+
+
+def find_stop(text: str, stop: Sequence[str], include: bool) -> tuple[str, bool]:
+    """Cut the output at its first stop string (kept if `include`) and say whether one was found.
+
+    Pass the decoded output so far, without the prompt. "First" is the first stop string to be complete
+    reading left to right (the longer one on a tie), so the cut does not depend on how tokens split the text.
+    """
+    hits = [(start + len(s), start) for s in stop if (start := text.find(s)) >= 0]
+    if not hits:
+        return text, False
+    end, start = min(hits)
+    return text[: end if include else start], True
+
+
+@dataclass
+class Logprob:
+    """A token's log probability under the model and its rank among all tokens (1 = most likely), as in vLLM."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+def top_logprobs(
+    logits: torch.Tensor, token_id: int, k: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[int, Logprob]:
+    """The chosen token and the k most likely ones, from the model's raw logits [vocab] (before penalties,
+    temperature or truncation, vLLM's default), so the numbers describe the model, not the sampler."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # in fp32: bf16 keeps only ~3 significant digits
+    ids = [token_id] + torch.topk(logprobs, min(k, logprobs.shape[-1])).indices.tolist()
+    values = logprobs[ids]
+    # 1 + the number of strictly more likely tokens: the chosen token's true rank even outside the top k.
+    ranks = 1 + (logprobs[None, :] > values[:, None]).sum(dim=-1)
+    return {
+        i: Logprob(value, rank, None if tokenizer is None else tokenizer.decode([i]))
+        for i, value, rank in zip(ids, values.tolist(), ranks.tolist(), strict=True)
+    }

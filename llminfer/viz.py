@@ -15,7 +15,7 @@ def plot_top_tokens(ax, probs: torch.Tensor, tokenizer, k: int = 15, title: str 
     values, ids = torch.topk(probs.float(), k)
     labels = [token_label(tokenizer, int(i)) for i in ids]
     bars = ax.bar(range(k), values.tolist(), color="#4C72B0")
-    for bar, v in zip(bars, values.tolist()):
+    for bar, v in zip(bars, values.tolist(), strict=True):
         if v == 0:
             bar.set_color("#cccccc")
     ax.set_xticks(range(k), labels, rotation=60, ha="right", fontsize=8, family="monospace")

@@ -34,7 +34,7 @@ def test_generate_prints_the_greedy_continuation():
 )
 def test_bad_input_exits_non_zero_with_one_line_naming_it(args, named):
     base = {"--model": "tiny-shakespeare", "--prompt": "ROMEO:"}
-    for flag, value in zip(args[::2], args[1::2]):
+    for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     result = run("generate", *[x for kv in base.items() for x in kv], "--device", "cpu")
     assert result.returncode != 0

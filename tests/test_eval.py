@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llminfer.eval import nats_per_char, total_nats
+from llminfer.eval import nats_per_char, perplexity, total_nats
 from llminfer.models.registry import SHIPPED
 
 
@@ -36,3 +36,14 @@ def test_single_window_equals_transformers_loss():
         hf_loss = model(input_ids=torch.tensor([[tokenizer.bos_token_id] + ids]),
                         labels=torch.tensor([[tokenizer.bos_token_id] + ids])).loss.item()
     assert nats_per_char(model, tokenizer, text) == pytest.approx(hf_loss * len(ids) / len(text), rel=1e-5)
+
+
+def test_perplexity_is_exp_of_transformers_loss():
+    path = SHIPPED["tiny-shakespeare-draft"]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = "DUKE VINCENTIO:\nBe absolute for death; either death or life\nShall thereby be the sweeter."
+    ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer.encode(text)])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert perplexity(model, tokenizer, text) == pytest.approx(math.exp(loss), rel=1e-5)

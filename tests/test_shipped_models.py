@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from llminfer.datasets import train_val_split, tinyshakespeare_text
+from llminfer.datasets import tinyshakespeare_text, train_val_split
 from llminfer.eval import nats_per_char
 from llminfer.models.registry import ASSETS, SHIPPED
 from llminfer.models.train_tiny import flops_per_token

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llminfer.datasets import train_val_split, tinyshakespeare_text
+from llminfer.datasets import tinyshakespeare_text, train_val_split
 from llminfer.eval import nats_per_char
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -190,7 +190,8 @@ def train(name: str, out_dir: Path, steps: int | None = None, preset: Preset | N
     tokenizer.save_pretrained(out_dir)
     # Name the generic fast-tokenizer class so that transformers 4.x and 5.x both load it.
     tok_config = out_dir / "tokenizer_config.json"
-    tok_config.write_text(json.dumps({**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2) + "\n")
+    tok_settings = {**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_config.write_text(json.dumps(tok_settings, indent=2) + "\n")
     model.generation_config.save_pretrained(out_dir)
 
     # The card reports the loss of the weights as shipped (bf16), reloaded by transformers.

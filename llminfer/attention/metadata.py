@@ -1,0 +1,64 @@
+"""What attention needs to know about a batch of sequences that share one KV cache.
+
+The batch is *flattened*: the new tokens of every sequence are concatenated into one
+[num_tokens] vector (no padding). Sequence i owns the new tokens
+`query_start_loc[i] : query_start_loc[i + 1]`, has `seq_lens[i]` tokens of context once
+they are added (those already cached plus the new ones), and keeps its keys and values in
+the cache blocks `block_tables[i]`, `block_size` tokens each. A token's *slot* is
+`block_id * block_size + offset`; slot -1 means "do not store" (padding).
+
+Prefill, chunked prefill and decode are all described this way: a decode step is a
+sequence with one new token, a prefill one with all its prompt tokens new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor        # [num_tokens] position of each new token in its sequence
+    query_start_loc: torch.Tensor  # [num_seqs + 1] offsets of each sequence's new tokens
+    seq_lens: torch.Tensor         # [num_seqs] context length of each sequence after this step
+    slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K and V; -1 = skip
+    block_tables: torch.Tensor     # [num_seqs, max_blocks] cache block ids of each sequence, in order
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        num_new_tokens: list[int],
+        num_cached_tokens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Metadata for sequences that add `num_new_tokens[i]` tokens after `num_cached_tokens[i]`."""
+        positions, slots = [], []
+        for new, cached, blocks in zip(num_new_tokens, num_cached_tokens, block_tables, strict=True):
+            if cached + new > len(blocks) * block_size:
+                raise ValueError(f"{cached + new} tokens do not fit in {len(blocks)} blocks of {block_size}")
+            for position in range(cached, cached + new):
+                positions.append(position)
+                slots.append(blocks[position // block_size] * block_size + position % block_size)
+        width = max(len(b) for b in block_tables)
+        padded = [b + [-1] * (width - len(b)) for b in block_tables]
+        starts = [0]
+        for new in num_new_tokens:
+            starts.append(starts[-1] + new)
+        as_long = dict(dtype=torch.long, device=device)
+        return cls(
+            positions=torch.tensor(positions, **as_long),
+            query_start_loc=torch.tensor(starts, **as_long),
+            seq_lens=torch.tensor([c + n for c, n in zip(num_cached_tokens, num_new_tokens, strict=True)], **as_long),
+            slot_mapping=torch.tensor(slots, **as_long),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            block_size=block_size,
+        )
