@@ -13,19 +13,9 @@ from collections.abc import Callable
 
 import torch
 
+from llminfer.bench.record import summarize
 from llminfer.kv.contiguous import ContiguousKVCache
 from llminfer.models.config import ModelConfig
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """Parameters of the model `config` describes (a tied embedding counted once)."""
-    h, d = config.hidden_size, config.head_dim
-    q, kv = config.num_heads * d, config.num_kv_heads * d
-    attention = h * (q + 2 * kv) + q * h
-    attention += (q + 2 * kv) * config.qkv_bias + h * config.o_bias + 2 * d * config.qk_norm
-    layer = attention + 3 * h * config.intermediate_size + 2 * h   # + the two RMSNorm weights
-    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return config.num_layers * layer + h + embeddings
 
 
 def _matmul_weights_per_token(config: ModelConfig) -> int:
@@ -33,6 +23,17 @@ def _matmul_weights_per_token(config: ModelConfig) -> int:
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
     return config.num_layers * per_layer + h * config.vocab_size
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of the model `config` describes (a tied embedding counted once)."""
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    per_layer = 2 * h                                   # the two RMSNorm weights
+    per_layer += q + 2 * kv if config.qkv_bias else 0
+    per_layer += h if config.o_bias else 0
+    per_layer += 2 * config.head_dim if config.qk_norm else 0
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * h   # tied: it is the lm_head
+    return _matmul_weights_per_token(config) + config.num_layers * per_layer + h + embedding
 
 
 def forward_flops(config: ModelConfig, num_new_tokens: int, context_len: int, batch_size: int = 1) -> int:
@@ -138,3 +139,18 @@ def time_forward(model: torch.nn.Module, num_new_tokens: int, context_len: int, 
         model(ids, cache, cache.append([num_new_tokens] * batch_size))
 
     return timed(step, param.device, repeats)
+
+
+def measure_points(model: torch.nn.Module, passes: list[tuple[int, int, int]], repeats: int = 5) -> list[dict]:
+    """For each pass (num_new_tokens, context_len, batch_size): its counted FLOPs and bytes, its intensity,
+    measured seconds, and achieved FLOP/s (counted FLOPs / median seconds)."""
+    dtype_bytes = next(model.parameters()).element_size()
+    points = []
+    for num_new_tokens, context_len, batch_size in passes:
+        flops = forward_flops(model.config, num_new_tokens, context_len, batch_size)
+        nbytes = forward_bytes(model.config, num_new_tokens, context_len, dtype_bytes, batch_size)
+        seconds = summarize(time_forward(model, num_new_tokens, context_len, batch_size, repeats))
+        points.append({"num_new_tokens": num_new_tokens, "context_len": context_len, "batch_size": batch_size,
+                       "flops": flops, "bytes": nbytes, "intensity": flops / nbytes, "seconds": seconds,
+                       "flops_per_s": flops / seconds["median"]})
+    return points
