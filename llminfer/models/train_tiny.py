@@ -55,8 +55,10 @@ class Preset:
 
 
 PRESETS = {
-    "tiny-shakespeare": Preset(256, 768, 6, 8, 2, tie_word_embeddings=False, steps=1200),
-    "tiny-shakespeare-draft": Preset(128, 384, 4, 4, 2, tie_word_embeddings=True, steps=1500),
+    # 5.6M parameters on 347k training tokens overfit: more dropout than the draft needs.
+    "tiny-shakespeare": Preset(256, 768, 6, 8, 2, tie_word_embeddings=False, steps=1100, dropout=0.2),
+    # Three layers keep the draft at least 4x cheaper per token at every context up to 1024.
+    "tiny-shakespeare-draft": Preset(128, 384, 3, 4, 2, tie_word_embeddings=True, steps=1500),
 }
 
 
