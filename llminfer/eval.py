@@ -48,17 +48,20 @@ def total_nats(
     return nats
 
 
+def _bos_token_id(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def nats_per_char(model: Callable, tokenizer, text: str, context: int = 512, **kwargs) -> float:
     """Validation loss in nats per character: total nats over the text divided by its length."""
     token_ids = tokenizer.encode(text, add_special_tokens=False)
     if tokenizer.decode(token_ids) != text:
         raise ValueError("the tokenizer does not round-trip this text; nats per character would be wrong")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return total_nats(model, token_ids, bos, context=context, **kwargs) / len(text)
+    return total_nats(model, token_ids, _bos_token_id(tokenizer), context=context, **kwargs) / len(text)
 
 
 def perplexity(model: Callable, tokenizer, text: str, context: int = 512, **kwargs) -> float:
     """exp(mean nats per token): how many tokens the model is, on average, choosing between."""
     token_ids = tokenizer.encode(text, add_special_tokens=False)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return math.exp(total_nats(model, token_ids, bos, context=context, **kwargs) / len(token_ids))
+    nats = total_nats(model, token_ids, _bos_token_id(tokenizer), context=context, **kwargs)
+    return math.exp(nats / len(token_ids))

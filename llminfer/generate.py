@@ -122,10 +122,11 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, params: SamplingPar
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     loop = generate_tokens if use_cache else generate_tokens_no_cache
     logprobs = [] if params.logprobs is not None else None
+    stop_ids = stop_token_ids(model, params)
     token_ids, finish_reason, text = [], "length", ""
     for token in loop(model, prompt_ids, params, logprobs):
         token_ids.append(token)
-        if token in stop_token_ids(model, params):
+        if token in stop_ids:
             finish_reason = "stop"
             break
         text = tokenizer.decode(token_ids)
