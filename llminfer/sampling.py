@@ -64,6 +64,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: return token ids only (text stays ""), as benchmarks do
 
     def __post_init__(self) -> None:
         for kind, types, names in _NUMERIC_FIELDS:
@@ -86,8 +87,11 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _require(value is None or value >= 0, f"{name} must be >= 0, got {value}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "detokenize"):
+            _require(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
         self.stop = _as_list("stop", self.stop, str, "a str")
         _require(all(self.stop), f"stop strings must be non-empty, got {self.stop!r}")
+        _require(self.detokenize or not self.stop, "stop strings need detokenize=True: they are found in the text")
         self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids, Integral, "an int")
         _require(all(t >= 0 for t in self.stop_token_ids), f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
 
@@ -199,17 +203,17 @@ def next_token(
     return int(sample_next_token(logits, params, generator))
 
 
-def find_stop(text: str, stop: Sequence[str], include: bool) -> tuple[str, bool]:
-    """Cut the output at its first stop string (kept if `include`) and say whether one was found.
+def find_stop(text: str, stop: Sequence[str], include: bool) -> tuple[str, str | None]:
+    """Cut the output at its first stop string (kept if `include`); return the text and that string, or None.
 
     Pass the decoded output so far, without the prompt. "First" is the first stop string to be complete
     reading left to right (the longer one on a tie), so the cut does not depend on how tokens split the text.
     """
-    hits = [(start + len(s), start) for s in stop if (start := text.find(s)) >= 0]
+    hits = [(start + len(s), start, s) for s in stop if (start := text.find(s)) >= 0]
     if not hits:
-        return text, False
-    end, start = min(hits)
-    return text[: end if include else start], True
+        return text, None
+    end, start, found = min(hits)
+    return text[: end if include else start], found
 
 
 @dataclass

@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+# Without a CUDA GPU, Triton kernels run in its interpreter. @triton.jit reads this when a kernel is
+# defined, so it must be set before llminfer.kernels is imported (importing torch does not import triton).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 # Tolerances for comparisons against a reference, by dtype (one place for the whole suite).
 TOLERANCES = {
     torch.float32: {"atol": 1e-4, "rtol": 1e-4},

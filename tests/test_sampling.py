@@ -139,7 +139,7 @@ def test_defaults_are_vllms():
         "n": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "temperature": 1.0,
         "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": None, "stop": [], "stop_token_ids": [], "ignore_eos": False,
         "max_tokens": 16, "min_tokens": 0, "logprobs": None, "prompt_logprobs": None,
-        "include_stop_str_in_output": False,
+        "include_stop_str_in_output": False, "detokenize": True,
     }
 
 
@@ -266,14 +266,15 @@ def test_min_tokens_zero_never_masks():
      ("ab ab", ["ab"], "", "ab")],                               # the first of repeated occurrences
 )
 def test_find_stop_cuts_at_the_first_stop_string(text, stop, without, with_stop):
-    assert find_stop(text, stop, include=False) == (without, True)
-    assert find_stop(text, stop, include=True) == (with_stop, True)
+    cut, found = find_stop(text, stop, include=False)
+    assert cut == without and found in stop and text.find(found) == len(without)
+    assert find_stop(text, stop, include=True) == (with_stop, found)
 
 
 def test_find_stop_without_a_match_returns_the_text():
-    assert find_stop("To be", ["not"], include=False) == ("To be", False)
-    assert find_stop("To be", [], include=True) == ("To be", False)
-    assert find_stop("", ["x"], include=True) == ("", False)
+    assert find_stop("To be", ["not"], include=False) == ("To be", None)
+    assert find_stop("To be", [], include=True) == ("To be", None)
+    assert find_stop("", ["x"], include=True) == ("", None)
 
 
 def stop_while_streaming(text, stop, include):
@@ -282,8 +283,8 @@ def stop_while_streaming(text, stop, include):
         complete = [s for s in stop if text[:end].endswith(s)]
         if complete:
             longest = max(complete, key=len)
-            return text[: end if include else end - len(longest)], True
-    return text, False
+            return text[: end if include else end - len(longest)], longest
+    return text, None
 
 
 def test_find_stop_agrees_with_streaming_whatever_the_token_split():
@@ -460,3 +461,10 @@ def test_sampling_with_penalties_follows_the_intended_distribution():
 @pytest.mark.parametrize("wrong", [penalties_after_temperature, repetition_penalty_divides_negative_logits])
 def test_plausible_wrong_penalties_fail_the_same_test(wrong):
     assert goodness_of_fit(wrong) < 1e-6
+
+
+def test_stop_strings_need_detokenization_and_flags_must_be_bools():
+    with pytest.raises(ValueError, match="stop strings need detokenize=True"):
+        SamplingParams(stop=["\n"], detokenize=False)
+    with pytest.raises(ValueError, match="ignore_eos must be a bool, got 1"):
+        SamplingParams(ignore_eos=1)

@@ -26,6 +26,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor     # [num_tokens] cache slot for each new token's K and V; -1 = skip
     block_tables: torch.Tensor     # [num_seqs, max_blocks] cache block ids of each sequence, in order
     block_size: int
+    # Known on the host, so kernels can size their grids without reading device tensors:
+    num_decodes: int    # the first num_decodes sequences have exactly one new token (decode kernels take them)
+    max_query_len: int  # most new tokens of any sequence
+    max_seq_len: int    # longest context
 
     @property
     def num_seqs(self) -> int:
@@ -54,11 +58,23 @@ class AttentionMetadata:
         for new in num_new_tokens:
             starts.append(starts[-1] + new)
         as_long = dict(dtype=torch.long, device=device)
+        lens = [c + n for c, n in zip(num_cached_tokens, num_new_tokens, strict=True)]
         return cls(
             positions=torch.tensor(positions, **as_long),
             query_start_loc=torch.tensor(starts, **as_long),
-            seq_lens=torch.tensor([c + n for c, n in zip(num_cached_tokens, num_new_tokens, strict=True)], **as_long),
+            seq_lens=torch.tensor(lens, **as_long),
             slot_mapping=torch.tensor(slots, **as_long),
             block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
             block_size=block_size,
+            num_decodes=count_decodes(num_new_tokens),
+            max_query_len=max(num_new_tokens),
+            max_seq_len=max(lens),
         )
+
+
+def count_decodes(num_new_tokens: list[int]) -> int:
+    """How many sequences at the front of the batch have exactly one new token."""
+    count = 0
+    while count < len(num_new_tokens) and num_new_tokens[count] == 1:
+        count += 1
+    return count

@@ -35,10 +35,13 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         values = v_cache[blocks].flatten(0, 1)[:seq_len]
         # New token j sits at position seq_len - n_new + j and sees every key up to its own position.
         n_new = end - begin
-        query_pos = torch.arange(seq_len - n_new, seq_len, device=q.device)
-        mask = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None]
+        if n_new == seq_len:  # nothing cached before: plain causal attention (and a fused kernel)
+            mask, causal = None, True
+        else:
+            query_pos = torch.arange(seq_len - n_new, seq_len, device=q.device)
+            mask, causal = torch.arange(seq_len, device=q.device)[None, :] <= query_pos[:, None], False
         out[begin:end] = F.scaled_dot_product_attention(
             q[begin:end].transpose(0, 1), keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
-            attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1],
+            attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[1] != keys.shape[1],
         ).transpose(0, 1)
     return out

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llminfer.attention import AttentionMetadata, cache_attention, write_kv
+from llminfer.attention import AttentionMetadata
+from llminfer.attention.backend import paged_attention
 from llminfer.models.config import ModelConfig
 
 
@@ -98,8 +99,7 @@ class Attention(nn.Module):
                                                  is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
             out = out.transpose(1, 2)
         else:
-            write_kv(*kv_cache, k, v, meta.slot_mapping)   # store the new keys/values, then read all
-            out = cache_attention(q, *kv_cache, meta)
+            out = paged_attention(q, k, v, *kv_cache, meta)  # store the new keys/values, then read all
         return self.o_proj(out.reshape(*shape, -1))
 
 
@@ -147,7 +147,9 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, kv_cache=None, meta: AttentionMetadata | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, kv_cache=None, meta: AttentionMetadata | None = None,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """`logits_indices` picks the rows (of the flattened batch) that need logits; by default all do."""
         if (kv_cache is None) != (meta is None):
             raise ValueError("pass both kv_cache and meta, or neither")
         positions = meta.positions if meta is not None else torch.arange(input_ids.shape[-1], device=input_ids.device)
@@ -156,4 +158,6 @@ class Llama(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache.layer(i) if kv_cache is not None else None, meta)
+        if logits_indices is not None:
+            x = x[logits_indices]
         return self.lm_head(self.norm(x))

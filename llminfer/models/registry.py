@@ -21,10 +21,14 @@ def default_model_name() -> str:
 
 
 def resolve_model_path(name_or_path: str | Path) -> Path:
-    """A shipped name, a local directory, or a Hub id (downloaded once into the HF cache)."""
+    """A shipped name, a random-weight shape (`RANDOM_MODELS`), a local directory, or a Hub id (downloaded once)."""
+    from llminfer.models.random_init import RANDOM_MODELS, random_checkpoint
+
     name = str(name_or_path)
     if name in SHIPPED:
         return SHIPPED[name]
+    if name in RANDOM_MODELS:
+        return random_checkpoint(name)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():

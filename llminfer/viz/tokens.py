@@ -1,4 +1,4 @@
-"""Figures the chapters draw from live model state."""
+"""Figures about tokens and next-token distributions."""
 
 from __future__ import annotations
 

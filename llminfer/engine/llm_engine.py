@@ -1,0 +1,233 @@
+"""The engine loop: requests come in with `add_request`, every `step` schedules, runs the model
+once, appends one token to each request that finished computing, and reports what changed.
+
+It owns the paged KV cache and its block pool, the scheduler and the model runner, and records
+a trace of every step (who ran, how many tokens, blocks in use, preemptions, prefix hits) for
+the chapters to draw.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from llminfer.engine.model_runner import ModelRunner
+from llminfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from llminfer.engine.scheduler import Scheduler
+from llminfer.engine.sequence import Sequence
+from llminfer.generate import check_prompt, stop_token_ids
+from llminfer.kv.block_pool import BlockPool
+from llminfer.kv.paged import PagedKVCache, kv_bytes_per_block, num_blocks_for, profile_free_memory
+from llminfer.sampling import SamplingParams, find_stop, make_generator, top_logprobs
+
+CPU_KV_CACHE_BYTES = 2**30  # default pool on CPU: 1 GiB at most (on CUDA the pool is sized by profiling)
+
+
+@dataclass
+class StepRecord:
+    """One engine step, as the scheduler decided it and the runner executed it."""
+
+    step: int
+    start: float                 # seconds since the engine was created
+    duration: float
+    scheduled: dict[str, int]    # request id -> tokens computed this step
+    prefix_hits: dict[str, int]  # request id -> prompt tokens found in the prefix cache, for admitted requests
+    preempted: list[str]
+    finished: list[str]
+    num_used_blocks: int
+    num_waiting: int
+    num_running: int
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, seed: int = 0, scheduler_cls: type[Scheduler] = Scheduler):
+        """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does."""
+        config = model.config
+        self.model, self.tokenizer = model, tokenizer
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", self.max_model_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of "
+                             f"{config.max_position_embeddings} tokens")
+        param = next(model.parameters())
+        self.device, dtype = param.device, param.dtype
+        num_blocks = self._num_kv_blocks(num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, block_size,
+                                         dtype, max_num_seqs, max_num_batched_tokens)
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(
+                f"a KV pool of {num_blocks} blocks x {block_size} tokens holds {num_blocks * block_size} tokens, "
+                f"less than one request of max_model_len={self.max_model_len}: give it more memory or lower "
+                "max_model_len")
+        self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, dtype)
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = scheduler_cls(self.pool, max_num_seqs, max_num_batched_tokens)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.runner = ModelRunner(model, self.kv_cache, self.generator)
+        self.requests: dict[str, Sequence] = {}   # every unfinished request, by id
+        self._failed: list[Sequence] = []        # rejected at submission; reported by the next step
+        self._ids = itertools.count()
+        self.trace: list[StepRecord] = []
+        self._created = time.perf_counter()
+
+    def _num_kv_blocks(self, num_kv_blocks, memory_bytes, utilization, block_size, dtype, max_num_seqs,
+                       max_num_batched_tokens) -> int:
+        if num_kv_blocks is not None and memory_bytes is not None:
+            raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
+        if num_kv_blocks is not None:
+            return num_kv_blocks
+        if memory_bytes is None:
+            if self.device.type == "cuda":
+                memory_bytes = profile_free_memory(self.model, min(max_num_batched_tokens, self.max_model_len),
+                                                   utilization)
+            else:  # enough for every sequence at full length, within a fixed CPU budget
+                full = max_num_seqs * self.max_model_len // block_size * kv_bytes_per_block(
+                    self.model.config, block_size, dtype)
+                memory_bytes = min(CPU_KV_CACHE_BYTES, full)
+        return num_blocks_for(self.model.config, block_size, dtype, max(memory_bytes, 0))
+
+    # --- requests in ---------------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None, prompt: str | dict, params: SamplingParams | None = None) -> str:
+        """Queue a request. Invalid parameters raise here; a prompt the model cannot take (empty, too long,
+        unknown token ids) makes a request that fails with that reason at the next step."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if params.n != 1:
+            raise ValueError(f"n={params.n}: this engine returns one completion per request; submit it n times")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        text, token_ids = self._tokenize(prompt)
+        seq = Sequence(request_id, text, token_ids, params, frozenset(stop_token_ids(self.model, params)),
+                       make_generator(params, self.device))
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
+        vocab = self.model.config.vocab_size
+        try:
+            check_prompt(token_ids, self.max_model_len)
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        except ValueError as exc:
+            seq.error = str(exc)
+            seq.finish("error")
+            self._failed.append(seq)
+            return request_id
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, (self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else [])
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                raise ValueError(f"prompt_token_ids must be a list of ints, got {ids!r:.80}")
+            return prompt.get("prompt"), list(ids)
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return self._tokenize(prompt["prompt"])
+        raise ValueError(f"a prompt is a str or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r:.80}")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and give its blocks back (unknown or finished ids are ignored)."""
+        seq = self.requests.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self._failed)
+
+    # --- one step ------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, and return an output for every request that gained a token or ended."""
+        outputs = [self._output(seq, []) for seq in self._failed]
+        self._failed.clear()
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("no request could be scheduled: the KV pool cannot hold the oldest request")
+            return outputs
+        result = self.runner.execute(plan.scheduled)
+        now = time.perf_counter()
+        finished = []
+        for seq, n in plan.scheduled:
+            seq.num_computed_tokens += n
+            self.pool.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
+            if seq in result.prompt_logits:
+                self._add_prompt_logprobs(seq, *result.prompt_logits[seq])
+            token = result.sampled.get(seq)
+            if token is None:  # a chunk of a prompt: nothing to sample yet
+                continue
+            seq.token_ids.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(result.logprobs[seq])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                finished.append(seq.request_id)
+            outputs.append(self._output(seq, [token]))
+        self.trace.append(StepRecord(
+            step=len(self.trace), start=start - self._created, duration=time.perf_counter() - start,
+            scheduled={seq.request_id: n for seq, n in plan.scheduled}, prefix_hits=plan.prefix_hits,
+            preempted=[seq.request_id for seq in plan.preempted], finished=finished,
+            num_used_blocks=self.pool.num_used_blocks, num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running)))
+        return outputs
+
+    def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
+        # Row j predicts the token at position start + j + 1; keep those still inside the prompt and not yet
+        # recorded (a request preempted mid-prompt computes some positions twice).
+        for j in range(logits.shape[0]):
+            position = start + j + 1
+            if position >= seq.num_prompt_tokens:
+                break
+            if position == len(seq.prompt_logprobs):
+                seq.prompt_logprobs.append(
+                    top_logprobs(logits[j], seq.prompt_token_ids[position], seq.params.prompt_logprobs))
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        """The same rules, in the same order, as Part I's `generate`."""
+        params, output = seq.params, seq.output_token_ids
+        if token in seq.stop_ids:
+            seq.text = self._detokenize(seq, output[:-1])
+            self._finish(seq, "stop", token if token in params.stop_token_ids else None)
+            return
+        if params.stop and len(output) >= params.min_tokens:
+            text, found = find_stop(self.tokenizer.decode(output), params.stop, params.include_stop_str_in_output)
+            if found is not None:
+                seq.text = text
+                self._finish(seq, "stop", found)
+                return
+        if len(output) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.text = self._detokenize(seq, output)
+            self._finish(seq, "length")
+
+    def _detokenize(self, seq: Sequence, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids) if seq.params.detokenize else ""
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        self.scheduler.finish(seq, reason, stop_reason)
+        del self.requests[seq.request_id]
+
+    def _output(self, seq: Sequence, new_token_ids: list[int]) -> RequestOutput:
+        cumulative = (sum(step[t].logprob for step, t in zip(seq.logprobs, seq.output_token_ids, strict=True))
+                      if seq.logprobs is not None else None)
+        completion = CompletionOutput(0, seq.text, seq.output_token_ids, cumulative, seq.logprobs,
+                                      seq.finish_reason, seq.stop_reason)
+        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.prompt_logprobs, [completion],
+                             seq.is_finished, new_token_ids, seq.num_cached_tokens, metrics, seq.error)

@@ -1,0 +1,61 @@
+"""Part II's KV cache: one pool of fixed-size blocks per layer, shared by every request.
+
+Per layer, K and V are [num_blocks, block_size, kv_heads, head_dim]. A request does not own a
+region; it owns a *block table*, the list of its block ids in order, and token t of the request
+lives at slot `block_table[t // block_size] * block_size + t % block_size`. Memory is claimed one
+block at a time as the sequence grows, so at most `block_size - 1` slots per request sit empty.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llminfer.bench.roofline import kv_bytes_per_token
+from llminfer.models.config import ModelConfig
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V for one block across all layers."""
+    return block_size * kv_bytes_per_token(config, dtype.itemsize)
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slot of each token position in [start, end) of a request with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class PagedKVCache:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V cache of one layer, shaped [num_blocks, block_size, kv_heads, head_dim]."""
+        return self.k[index], self.v[index]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+def profile_free_memory(model: torch.nn.Module, num_tokens: int, utilization: float) -> int:
+    """Bytes a CUDA KV pool may take: `utilization` of the GPU's memory, minus what is in use and
+    the activation peak of a forward pass over `num_tokens` tokens (measured by running one)."""
+    device = next(model.parameters()).device
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.no_grad():
+        model(torch.zeros(1, num_tokens, dtype=torch.long, device=device))
+    activation_peak = torch.cuda.max_memory_allocated(device) - before
+    free, total = torch.cuda.mem_get_info(device)
+    # Memory others hold (other processes, the allocator's cache) is total - free; keep out of it.
+    return int(utilization * total - (total - free) - activation_peak)
+
+
+def num_blocks_for(config: ModelConfig, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
+    """How many blocks fit in a memory budget."""
+    return memory_bytes // kv_bytes_per_block(config, block_size, dtype)
