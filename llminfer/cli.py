@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from llminfer.grading.cli import add_grade_parser
+
 
 def _generate(args: argparse.Namespace) -> int:
     from llminfer.generate import generate
@@ -20,6 +22,25 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device=args.device)
     result = generate(model, tokenizer, args.prompt, params)
     print((args.prompt if args.echo else "") + result.text)
+    return 0
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from llminfer.bench.record import save_result
+    from llminfer.bench.throughput import parse_range, run
+
+    result = run(args.model, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), args.seed,
+                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                 device=args.device, dtype=args.dtype)
+    if args.json:
+        save_result("throughput", result, args.json)
+    ours, theirs = result["llminfer"], result["transformers"]
+    print(f"{result['num_prompts']} requests, {result['output_tokens']} output tokens on {result['device']}")
+    print(f"llminfer      {ours['output_tokens_per_s']:10.1f} output tokens/s  ({ours['seconds']:.2f} s)")
+    print(f"transformers  {theirs['output_tokens_per_s']:10.1f} output tokens/s  ({theirs['seconds']:.2f} s)")
+    agree = result["outputs_agree"]
+    print(f"speedup {result['speedup']:.2f}x; identical outputs {agree['requests_identical']}/{agree['requests']}, "
+          f"token agreement {agree['token_agreement']:.4f}")
     return 0
 
 
@@ -46,8 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if present)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     gen.set_defaults(run=_generate)
+    bench = sub.add_parser("bench", help="benchmarks against a baseline").add_subparsers(dest="bench", required=True)
+    tp = bench.add_parser("throughput", help="offline throughput of llminfer.LLM vs transformers generate()")
+    tp.add_argument("--model", default="tiny-shakespeare")
+    tp.add_argument("--num-prompts", type=int, default=256)
+    tp.add_argument("--input-len", default="16:256", help="prompt lengths, uniform in A:B")
+    tp.add_argument("--output-len", default="16:256", help="output lengths, uniform in C:D")
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--max-num-seqs", type=int, default=64, help="also the transformers batch size")
+    tp.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    tp.add_argument("--device", default=None)
+    tp.add_argument("--dtype", default="auto")
+    tp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
+    tp.set_defaults(run=_bench_throughput)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
     env.set_defaults(run=_env)
+    add_grade_parser(sub)
     return parser
 
 

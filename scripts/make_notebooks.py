@@ -21,7 +21,7 @@ import jupytext
 import nbformat
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = ("chapters", "labs", "exercises")
+SOURCE_DIRS = ("book", "chapters", "labs", "exercises")
 INSTALL_TAG = "colab-install"
 INSTALL_SOURCE = """\
 # Colab only: install llminfer (elsewhere, use the project's environment).

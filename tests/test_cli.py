@@ -51,3 +51,25 @@ def test_env_reports_each_dependency_device_and_triton():
         assert any(line.startswith("[OK] " + package + " ") for line in lines), package
     assert any(line.startswith("device: ") for line in lines)
     assert any(line.startswith("triton kernels: ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["no_such_file.ipynb"], "no_such_file.ipynb"),
+        (["--exercise", "no_such_exercise", "x.py"], "no_such_exercise"),
+        (["--timeout", "0", "x.py"], "--timeout must be > 0 seconds, got 0"),
+        ([], "nothing to grade"),
+    ],
+)
+def test_grade_exits_non_zero_only_when_grading_cannot_run(args, named):
+    result = run("grade", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0], result.stderr
+
+
+def test_grade_lists_the_exercises():
+    result = run("grade", "--list")
+    assert result.returncode == 0, result.stderr
+    assert [line.split()[0] for line in result.stdout.splitlines()][:2] == ["top_p", "min_p"]

@@ -3,7 +3,7 @@
 Without a GPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so these
 shapes are tiny and odd: head_dim 24/48, one KV head shared by three query heads, blocks of 4 tokens,
 sequences that end mid-block, shuffled block tables padded with -1, and a cache whose unused slots
-hold NaN (a kernel that reads a slot it should not fails loudly).
+hold large random values (a kernel that reads a slot it should not fails loudly).
 """
 
 import math
@@ -54,8 +54,9 @@ def make_batch(cached: list[int], new: list[int], num_kv_heads: int, group: int,
     needed = [math.ceil(n / block_size) for n in lens]
     num_blocks = sum(needed) + 3                     # spare blocks nobody owns
     order = torch.randperm(num_blocks).tolist()      # not contiguous, not in order
-    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
-    v_cache = torch.full_like(k_cache, float("nan"))
+    # Finite junk, not NaN: the torch reference reads padding slots and relies on their probability being 0.
+    k_cache = 1e3 * torch.randn(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = 1e3 * torch.randn_like(k_cache)
     tables = []
     for seq, n in enumerate(needed):
         blocks, order = order[:n], order[n:]

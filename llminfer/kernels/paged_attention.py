@@ -11,6 +11,7 @@ also split a long context across programs and merge their partial softmaxes (fla
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from llminfer.attention.metadata import AttentionMetadata
 from llminfer.attention.reference import cache_attention
@@ -241,24 +242,21 @@ def paged_attention_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     """Decode attention in plain PyTorch, all sequences at once (the engine's CPU path, too).
 
     Gathers the first ceil(max_seq_len / block_size) blocks of every sequence (padding -1 reads block
-    0 and is masked out), so the work is num_seqs x max_seq_len whatever the lengths.
+    0) and masks positions past each seq_len, so the work is num_seqs x max_seq_len whatever the lengths.
+    Masked slots get probability 0, so they may hold any finite value (the engine's caches start at zero).
     """
     num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1:3]
+    block_size = k_cache.shape[1]
     num_blocks = -(-max_seq_len // block_size)
     blocks = block_tables[:, :num_blocks].clamp(min=0).long()
-    keys = k_cache[blocks].flatten(1, 2)            # [num_seqs, context, kv_heads, head_dim]
-    values = v_cache[blocks].flatten(1, 2)
-    hidden = torch.arange(keys.shape[1], device=q.device)[None, :] >= seq_lens[:, None]
-    # Slots past seq_len may hold anything (an uninitialised cache, another sequence's block): their
-    # probability is 0, but 0 * NaN is NaN, so zero them (in place: the gather made a copy).
-    values.masked_fill_(hidden[:, :, None, None], 0)
-    # Query heads grouped by the KV head they read: [num_seqs, kv_heads, group, head_dim].
-    queries = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).float()
-    scores = queries @ keys.permute(0, 2, 3, 1).float() * scale       # [num_seqs, kv_heads, group, context]
-    scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
-    out = scores.softmax(-1) @ values.transpose(1, 2).float()          # [num_seqs, kv_heads, group, head_dim]
-    return out.view(num_seqs, num_heads, head_dim).to(q.dtype)
+    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)     # [num_seqs, kv_heads, context, head_dim]
+    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+    visible = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None]
+    # One query per sequence; SDPA groups the query heads by KV head (GQA) and softmaxes in fp32.
+    out = F.scaled_dot_product_attention(q[:, :, None, :], keys.to(q.dtype), values.to(q.dtype),
+                                         attn_mask=visible[:, None, None, :], scale=scale,
+                                         enable_gqa=num_heads != keys.shape[1])
+    return out[:, :, 0, :]
 
 
 def paged_attention_prefill_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
