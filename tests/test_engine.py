@@ -176,3 +176,13 @@ def test_the_trace_records_every_step(model_and_tokenizer):
     computed = sum(sum(r.scheduled.values()) for r in eng.trace)
     prompt_tokens = sum(len(model_and_tokenizer[1].encode(p)) for p in PROMPTS[:3])
     assert computed == prompt_tokens + 3 * 2   # each prompt once, then 2 decodes (the 3rd token is not fed back)
+
+
+def test_a_step_that_only_prefills_a_chunk_samples_nothing(model_and_tokenizer):
+    eng = engine(model_and_tokenizer, max_num_batched_tokens=8)
+    eng.add_request(None, {"prompt_token_ids": list(range(1, 21))}, SamplingParams(temperature=0, max_tokens=2))
+    assert eng.step() == [] and eng.trace[-1].scheduled == {"0": 8}
+    outputs = []
+    while eng.has_unfinished_requests():
+        outputs += eng.step()
+    assert len(outputs[-1].outputs[0].token_ids) == 2 and len(eng.trace) == 4   # 8 + 8 + 4 tokens, then a decode

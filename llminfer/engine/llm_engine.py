@@ -31,7 +31,7 @@ class StepRecord:
     """One engine step, as the scheduler decided it and the runner executed it."""
 
     step: int
-    start: float                 # seconds since the engine was created
+    start: float                 # seconds since `LLMEngine.start_time` (metrics use the same perf_counter clock)
     duration: float
     scheduled: dict[str, int]    # request id -> tokens computed this step
     prefix_hits: dict[str, int]  # request id -> prompt tokens found in the prefix cache, for admitted requests
@@ -76,7 +76,7 @@ class LLMEngine:
         self._failed: list[Sequence] = []        # rejected at submission; reported by the next step
         self._ids = itertools.count()
         self.trace: list[StepRecord] = []
-        self._created = time.perf_counter()
+        self.start_time = time.perf_counter()
 
     def _num_kv_blocks(self, num_kv_blocks, memory_bytes, utilization, block_size, dtype, max_num_seqs,
                        max_num_batched_tokens) -> int:
@@ -158,7 +158,9 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             if self.scheduler.has_unfinished():
-                raise RuntimeError("no request could be scheduled: the KV pool cannot hold the oldest request")
+                raise RuntimeError(f"{type(self.scheduler).__name__} scheduled nothing while requests wait: with the "
+                                   "default scheduler this means the KV pool cannot hold the oldest request; a "
+                                   "policy that holds requests back should not call step() until it has work")
             return outputs
         result = self.runner.execute(plan.scheduled)
         now = time.perf_counter()
@@ -181,7 +183,7 @@ class LLMEngine:
                 finished.append(seq.request_id)
             outputs.append(self._output(seq, [token]))
         self.trace.append(StepRecord(
-            step=len(self.trace), start=start - self._created, duration=time.perf_counter() - start,
+            step=len(self.trace), start=start - self.start_time, duration=time.perf_counter() - start,
             scheduled={seq.request_id: n for seq, n in plan.scheduled}, prefix_hits=plan.prefix_hits,
             preempted=[seq.request_id for seq in plan.preempted], finished=finished,
             num_used_blocks=self.pool.num_used_blocks, num_waiting=len(self.scheduler.waiting),

@@ -60,7 +60,8 @@ class ModelRunner:
             [n for _, n in batch], [seq.num_computed_tokens for seq, _ in batch],
             [seq.block_table for seq, _ in batch], self.kv_cache.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        logits = self.model(ids, self.kv_cache, meta, logits_indices=torch.tensor(rows, device=self.device))
+        logits = self.model(ids, self.kv_cache, meta,
+                            logits_indices=torch.tensor(rows, dtype=torch.long, device=self.device))
         out = ModelOutput()
         for seq, start, row, n in prompt_rows:
             out.prompt_logits[seq] = (start, logits[row:row + n])
