@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--input-len", default="16:256", help="prompt lengths, uniform in A:B")
     tp.add_argument("--output-len", default="16:256", help="output lengths, uniform in C:D")
     tp.add_argument("--seed", type=int, default=0)
-    tp.add_argument("--max-num-seqs", type=int, default=64, help="also the transformers batch size")
+    tp.add_argument("--max-num-seqs", type=int, default=256, help="also the transformers batch size")
     tp.add_argument("--max-num-batched-tokens", type=int, default=2048)
     tp.add_argument("--device", default=None)
     tp.add_argument("--dtype", default="auto")

@@ -3,6 +3,7 @@ answer kept in `grading_wrong` less than full marks; hostile code costs one test
 writes a valid Gradescope results.json for a notebook and for a module."""
 
 import ctypes
+import inspect
 import json
 import os
 import subprocess
@@ -13,10 +14,12 @@ import jupytext
 import nbformat
 import pytest
 import torch
+import triton
 from grading_wrong import WRONG
 
 from llminfer.cli import main
-from llminfer.grading import all_exercises, check, get_exercise, grade_exercise
+from llminfer.grading import Exercise, ExerciseTest, Mismatch, all_exercises, check, get_exercise, grade_exercise
+from llminfer.grading.exercises import paged_kv
 from llminfer.grading.submission import load_submission
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +29,15 @@ NOTEBOOKS = sorted((ROOT / "exercises").rglob("[0-9]*.md"))
 
 def stub(*args, **kwargs):
     raise NotImplementedError
+
+
+@triton.jit
+def kernel_stub(q, k_cache, v_cache, block_tables, seq_lens, out, scale, stride_q_seq, stride_q_head, stride_table,
+                stride_block, stride_slot, stride_head, GROUP, BLOCK_SIZE, HEAD_DIM, BLOCK_D, BLOCK_N):
+    raise NotImplementedError
+
+
+STUBS = {"paged_decode_kernel": kernel_stub}   # a kernel exercise's stub is a kernel
 
 
 def notebook_of(exercise) -> Path:
@@ -40,7 +52,7 @@ def test_the_reference_earns_full_marks(exercise):
 
 @pytest.mark.parametrize("exercise", EXERCISES, ids=lambda e: e.id)
 def test_a_stub_earns_nothing(exercise):
-    result = grade_exercise(exercise, stub)
+    result = grade_exercise(exercise, STUBS.get(exercise.id, stub))
     assert result.score == 0
     assert all("NotImplementedError" in outcome.message for outcome in result.outcomes)
 
@@ -60,7 +72,8 @@ def test_every_exercise_keeps_three_wrong_answers_and_has_a_notebook():
         assert (ROOT / f"{exercise.chapter}.md").is_file(), exercise.chapter
         text = notebook_of(exercise).read_text()
         assert f'check("{exercise.id}")' in text and f"{{doc}}`/{exercise.chapter}`" in text
-        assert f"def {exercise.target}(" in text or f"class {exercise.target}:" in text
+        assert f"def {exercise.target}(" in text or f"class {exercise.target}:" in text \
+            or f"class {exercise.target}(" in text
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
@@ -70,7 +83,9 @@ def test_an_exercise_notebook_as_shipped_loads_and_scores_nothing(notebook):
     graded = [e for e in EXERCISES if notebook_of(e) == notebook]
     assert graded
     for exercise in graded:
-        assert grade_exercise(exercise, namespace[exercise.target]).score == 0
+        result = grade_exercise(exercise, namespace[exercise.target])
+        assert result.score == 0
+        assert all("NotImplementedError" in outcome.message for outcome in result.outcomes), result.table()
 
 
 def hostile_mask(num_queries, num_keys):
@@ -106,6 +121,25 @@ def test_a_wrong_type_or_an_exception_is_named():
 
     message = grade_exercise(get_exercise("top_p"), raises).outcomes[0].message
     assert message.startswith("raised IndexError") and "(in raises, line" in message
+
+
+def test_setup_runs_once_in_the_grading_process_and_a_failing_one_fails_every_test():
+    loaded = []
+
+    def sees_one_load(answer):
+        if loaded != ["model"]:   # the forked test sees what setup loaded in the parent, loaded once
+            raise Mismatch(f"setup loaded {loaded}")
+        return "ok"
+
+    tests = (ExerciseTest("first", 1, sees_one_load), ExerciseTest("second", 1, sees_one_load))
+    exercise = Exercise("with_setup", "t", "chapters/basics/01_prompt_to_text", "f", stub, tests,
+                        setup=lambda: loaded.append("model"))
+    assert grade_exercise(exercise, stub).score == 2
+    broken = Exercise("broken_setup", "t", "chapters/basics/01_prompt_to_text", "f", stub, tests,
+                      setup=lambda: 1 / 0)
+    result = grade_exercise(broken, stub)
+    assert result.score == 0
+    assert all("could not prepare this exercise: ZeroDivisionError" in o.message for o in result.outcomes)
 
 
 def test_check_finds_the_callers_definition_and_never_raises(capsys):
@@ -174,6 +208,19 @@ def test_grade_a_folder_of_modules_one_of_which_crashes(tmp_path):
     assert 0 < sum(t["score"] for t in by_exercise["causal_mask"]) < 5
     assert all("no function or class named 'attention'" in t["output"] for t in by_exercise["attention"])
     assert "broken.py: loading it ended the grading process" in data["output"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernel is compiled, not interpreted")
+def test_grade_runs_a_submitted_triton_kernel_in_the_interpreter_without_a_gpu(tmp_path):
+    # The submission defines the kernel itself; `llminfer grade` must give its worker TRITON_INTERPRET=1 before
+    # the module is loaded, even when the caller's environment does not have it.
+    source = inspect.getsource(paged_kv._reference_kernel).replace("def _reference_kernel", "def paged_decode_kernel")
+    (tmp_path / "kernel.py").write_text("import triton\nimport triton.language as tl\n\n\n@triton.jit\n" + source)
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "llminfer.cli", "grade", str(tmp_path / "kernel.py")],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "score: 11 / 11" in result.stdout, result.stdout
 
 
 def test_make_autograder_writes_gradescopes_two_files(tmp_path, capsys):

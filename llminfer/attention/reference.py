@@ -32,8 +32,8 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         begin, end = starts[i], starts[i + 1]
         num_blocks = -(-seq_len // meta.block_size)
         blocks = meta.block_tables[i, :num_blocks].long()
-        keys = k_cache[blocks].flatten(0, 1)[:seq_len]      # [seq_len, kv_heads, head_dim]
-        values = v_cache[blocks].flatten(0, 1)[:seq_len]
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]      # [seq_len, kv_heads, head_dim]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:seq_len]
         # New token j sits at position seq_len - n_new + j and sees every key up to its own position.
         n_new = end - begin
         if n_new == seq_len:  # nothing cached before: plain causal attention (and a fused kernel)

@@ -88,7 +88,7 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 
 def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int,
-        max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, device: str | None = None,
+        max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, device: str | None = None,
         dtype: str = "auto") -> dict:
     """Both engines on the same requests in this process; returns tokens/s of each and the ratio."""
     from transformers import AutoModelForCausalLM

@@ -32,7 +32,7 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto",
                  device: str | torch.device | None = None, seed: int = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
-                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True):
         self.model_name = model or default_model_name()
         self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=parse_dtype(dtype))

@@ -45,7 +45,7 @@ class StepRecord:
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
-                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int = 0, scheduler_cls: type[Scheduler] = Scheduler):
         """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does."""
         config = model.config
@@ -85,13 +85,16 @@ class LLMEngine:
         if num_kv_blocks is not None:
             return num_kv_blocks
         if memory_bytes is None:
+            # Never more than every sequence at full length needs (so several small engines can share a
+            # GPU), within what is free on a GPU or a fixed budget on CPU.
+            full = -(-max_num_seqs * self.max_model_len // block_size) * kv_bytes_per_block(
+                self.model.config, block_size, dtype)
             if self.device.type == "cuda":
-                memory_bytes = profile_free_memory(self.model, min(max_num_batched_tokens, self.max_model_len),
-                                                   utilization)
-            else:  # enough for every sequence at full length, within a fixed CPU budget
-                full = max_num_seqs * self.max_model_len // block_size * kv_bytes_per_block(
-                    self.model.config, block_size, dtype)
-                memory_bytes = min(CPU_KV_CACHE_BYTES, full)
+                available = profile_free_memory(self.model, min(max_num_batched_tokens, self.max_model_len),
+                                                utilization)
+            else:
+                available = CPU_KV_CACHE_BYTES
+            memory_bytes = min(full, available)
         return num_blocks_for(self.model.config, block_size, dtype, max(memory_bytes, 0))
 
     # --- requests in ---------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from llminfer.grading.exercise import ExerciseResult
 from llminfer.grading.gradescope import PACKAGE, results_json, write_autograder
 from llminfer.grading.registry import all_exercises, get_exercise
@@ -50,7 +52,7 @@ def run_grade(args: argparse.Namespace) -> int:
     exercises = [get_exercise(i).id for i in args.exercise]
     if args.list:
         for e in all_exercises().values():
-            print(f"{e.id:<16} {e.max_score:>3g} points  write {e.target!r}: {e.title} ({e.chapter})")
+            print(f"{e.id:<20} {e.max_score:>3g} points  write {e.target!r}: {e.title} ({e.chapter})")
         return 0
     if args.make_autograder:
         for path in write_autograder(args.make_autograder, exercises or list(all_exercises()), args.timeout,
@@ -118,7 +120,7 @@ def _grade_in_subprocess(path: Path, exercise_ids: list[str], timeout: float | N
         try:
             with open(errors, "w") as stderr:
                 subprocess.run(command, cwd=path.parent, stdout=subprocess.DEVNULL, stderr=stderr, timeout=budget,
-                               env={**os.environ, "MPLBACKEND": "Agg"})
+                               env={**_triton_env(), **os.environ, "MPLBACKEND": "Agg"})
         except subprocess.TimeoutExpired:
             return {"log": [f"grading did not finish in {budget:g} s; nothing in this file was graded"], "results": []}
         if out.is_file():
@@ -126,3 +128,9 @@ def _grade_in_subprocess(path: Path, exercise_ids: list[str], timeout: float | N
         tail = errors.read_text(errors="replace").strip().splitlines()[-1:] or ["no message"]
         return {"log": [f"loading it ended the grading process ({tail[0][:200]}); nothing in this file was graded"],
                 "results": []}
+
+
+def _triton_env() -> dict[str, str]:
+    """Without a GPU, Triton kernels run in its interpreter, which `@triton.jit` picks when a kernel is
+    defined: the worker must have TRITON_INTERPRET=1 before the submission (or llminfer) defines any."""
+    return {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}

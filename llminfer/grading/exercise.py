@@ -31,6 +31,9 @@ class Exercise:
     reference: object
     tests: tuple[ExerciseTest, ...]
     timeout: float = 10.0      # seconds per test, unless the caller says otherwise
+    # Run once before the tests, in the grading process: what it loads and caches (a model, the reference's
+    # results) every test's forked child inherits instead of loading again.
+    setup: Callable[[], object] | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.replace("_", "").isalnum():

@@ -13,9 +13,15 @@ def grade_exercise(exercise: Exercise, candidate: object | None, timeout: float 
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     result = ExerciseResult(exercise.id, exercise.title)
+    problem = f"no function or class named {exercise.target!r} is defined" if candidate is None else None
+    if problem is None and exercise.setup is not None:
+        try:
+            exercise.setup()
+        except Exception as exc:  # the grader's own preparation failed: no test can run, none may pass
+            problem = f"the grader could not prepare this exercise: {type(exc).__name__}: {exc}"
     for test in exercise.tests:
-        if candidate is None:
-            passed, message, printed = False, f"no function or class named {exercise.target!r} is defined", ""
+        if problem is not None:
+            passed, message, printed = False, problem, ""
         else:
             passed, message, printed = run_isolated(lambda test=test: test.run(candidate), timeout)
         result.outcomes.append(Outcome(test.name, test.points, passed, message, test.visible, printed))

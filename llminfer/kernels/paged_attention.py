@@ -11,7 +11,6 @@ also split a long context across programs and merge their partial softmaxes (fla
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from llminfer.attention.metadata import AttentionMetadata
 from llminfer.attention.reference import cache_attention
@@ -239,24 +238,44 @@ def paged_attention_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
 def paged_attention_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                      block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                      max_seq_len: int) -> torch.Tensor:
-    """Decode attention in plain PyTorch, all sequences at once (the engine's CPU path, too).
+    """Decode attention in plain PyTorch, block by block like PagedAttention (the engine's CPU path, too).
 
-    Gathers the first ceil(max_seq_len / block_size) blocks of every sequence (padding -1 reads block
-    0) and masks positions past each seq_len, so the work is num_seqs x max_seq_len whatever the lengths.
-    Masked slots get probability 0, so they may hold any finite value (the engine's caches start at zero).
+    Every cache block a sequence uses becomes one row of a batch: its query heads score the block's keys,
+    and the partial softmaxes of a sequence's blocks are combined with the sequence's maximum. The work
+    is proportional to the tokens stored, not to num_seqs x max_seq_len. `max_seq_len` is not needed.
     """
     num_seqs, num_heads, head_dim = q.shape
-    block_size = k_cache.shape[1]
-    num_blocks = -(-max_seq_len // block_size)
-    blocks = block_tables[:, :num_blocks].clamp(min=0).long()
-    keys = k_cache[blocks].flatten(1, 2).transpose(1, 2)     # [num_seqs, kv_heads, context, head_dim]
-    values = v_cache[blocks].flatten(1, 2).transpose(1, 2)
-    visible = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None]
-    # One query per sequence; SDPA groups the query heads by KV head (GQA) and softmaxes in fp32.
-    out = F.scaled_dot_product_attention(q[:, :, None, :], keys.to(q.dtype), values.to(q.dtype),
-                                         attn_mask=visible[:, None, None, :], scale=scale,
-                                         enable_gqa=num_heads != keys.shape[1])
-    return out[:, :, 0, :]
+    total_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    device = q.device
+    # Which sequence each used block belongs to, and its place in that sequence's block table.
+    blocks_per_seq = -(-seq_lens // block_size)
+    seq_of_block = torch.repeat_interleave(torch.arange(num_seqs, device=device), blocks_per_seq)
+    first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
+    index_in_seq = torch.arange(seq_of_block.numel(), device=device) - first_block[seq_of_block]
+    block_ids = block_tables.long()[seq_of_block, index_in_seq]
+    # One block = block_size x kv_heads keys. index_select copies whole blocks (rows of a 2-D view) in one
+    # piece, much faster on CPU than advanced indexing of the 4-D cache, which copies element by element.
+    keys = k_cache.view(total_blocks, -1, head_dim).index_select(0, block_ids)      # [blocks, slots x kv, d]
+    values = v_cache.view(total_blocks, -1, head_dim).index_select(0, block_ids)
+    # Each query head scores all keys of its block, those of the other KV heads too (num_kv_heads x the
+    # arithmetic, but two plain batched matmuls); the mask keeps its own KV head and positions < seq_len.
+    scores = torch.bmm(q.index_select(0, seq_of_block).float(), keys.float().transpose(1, 2)) * scale
+    heads = torch.arange(num_kv_heads, device=device)
+    own_head = heads[:, None, None, None] == heads                                     # [kv, 1, 1, kv]
+    positions = index_in_seq[:, None] * block_size + torch.arange(block_size, device=device)
+    stored = positions < seq_lens[seq_of_block][:, None]                               # [blocks, slots]
+    visible = own_head[None] & stored[:, None, None, :, None]                          # [blocks, kv, 1, slots, kv]
+    scores = scores.view(-1, num_kv_heads, num_heads // num_kv_heads, block_size, num_kv_heads)
+    scores = scores.masked_fill_(~visible, float("-inf")).view(-1, num_heads, block_size * num_kv_heads)
+    # Softmax across a sequence's blocks: subtract the sequence's max (block 0 always holds position 0, so
+    # it is finite), then normalise the summed exponentials once.
+    seq_max = torch.full((num_seqs, num_heads), float("-inf"), device=device)
+    seq_max.scatter_reduce_(0, seq_of_block[:, None].expand(-1, num_heads), scores.amax(-1), "amax")
+    weights = torch.exp(scores - seq_max.index_select(0, seq_of_block)[:, :, None])
+    total = torch.zeros(num_seqs, num_heads, device=device).index_add_(0, seq_of_block, weights.sum(-1))
+    out = torch.zeros(num_seqs, num_heads, head_dim, device=device)
+    out.index_add_(0, seq_of_block, torch.bmm(weights, values.float()))
+    return (out / total[:, :, None]).to(q.dtype)
 
 
 def paged_attention_prefill_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

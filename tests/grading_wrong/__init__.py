@@ -1,6 +1,17 @@
 """Plausible wrong answers to each exercise, kept so the tests can assert the grader rejects every one."""
 
-from grading_wrong import attention, kv_cache, performance, positions, sampling
+from grading_wrong import (
+    attention,
+    batching,
+    kv_cache,
+    paged_kv,
+    performance,
+    positions,
+    prefix_caching,
+    sampling,
+    scheduling,
+)
 
 # exercise id -> {what is wrong: the wrong implementation}
-WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG}
+WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG,
+         **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG}
