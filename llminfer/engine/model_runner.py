@@ -41,7 +41,7 @@ class ModelRunner:
         self.eos_ids = model.config.eos_token_ids
         self.generator = generator  # the engine's random stream, for requests without a seed
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def execute(self, batch: list[tuple[Sequence, int]]) -> ModelOutput:
         batch = sorted(batch, key=lambda item: item[1] != 1)  # decodes first (a stable sort)
         input_ids, rows, samplers, prompt_rows = [], [], [], []
