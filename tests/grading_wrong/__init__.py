@@ -1,6 +1,7 @@
 """Plausible wrong answers to each exercise, kept so the tests can assert the grader rejects every one."""
 
 from grading_wrong import (
+    anatomy,
     attention,
     batching,
     kv_cache,
@@ -14,4 +15,4 @@ from grading_wrong import (
 
 # exercise id -> {what is wrong: the wrong implementation}
 WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG,
-         **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG}
+         **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG, **anatomy.WRONG}
