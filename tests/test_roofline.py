@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import llminfer.models.llama as llama
+from llminfer.attention import cache_attention, write_kv
 from llminfer.bench import roofline
 from llminfer.kv import ContiguousKVCache
 from llminfer.models.config import ModelConfig
@@ -20,6 +22,18 @@ MHA_BIAS = dataclasses.replace(GQA, architecture="Qwen2ForCausalLM", num_heads=3
                                qkv_bias=True, tie_word_embeddings=False)
 QK_NORM = dataclasses.replace(GQA, architecture="Qwen3ForCausalLM", num_kv_heads=1, qk_norm=True)
 CONFIGS = {"gqa_tied": GQA, "mha_bias_untied": MHA_BIAS, "qk_norm": QK_NORM}
+
+
+@pytest.fixture(autouse=True)
+def exact_attention(monkeypatch):
+    """Count the work attention must do: the per-sequence reference `cache_attention`, which scores each
+    query against exactly the keys it sees. (The engine's CPU decode path trades extra arithmetic, every
+    query head against every KV head of a block, for fewer memory passes; the roofline counts the need.)"""
+    def reference(q, k, v, k_cache, v_cache, meta):
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        return cache_attention(q, k_cache, v_cache, meta)
+
+    monkeypatch.setattr(llama, "paged_attention", reference)
 
 
 def build(config: ModelConfig, dtype: torch.dtype = torch.float32) -> Llama:
