@@ -100,7 +100,7 @@ def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_le
               max_num_batched_tokens=max_num_batched_tokens, seed=seed)
     weight = next(llm.model.parameters())
     hf = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_name), dtype=weight.dtype)
-    hf = hf.to(weight.device).eval()
+    hf = hf.to(weight.device, weight.dtype).eval()   # the same dtype whatever the transformers version
     requests = random_requests(llm.model.config.vocab_size, num_prompts, input_len, output_len, seed)
     pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else 0
     warmup = requests[: min(4, len(requests))]

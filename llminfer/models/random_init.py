@@ -40,7 +40,7 @@ def random_checkpoint(name: str, root: str | Path | None = None) -> Path:
     config_class, kwargs = RANDOM_MODELS[name]
     config = getattr(transformers, config_class)(**kwargs)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     model.save_pretrained(path)
     for file in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ASSETS / DEFAULT_MODEL / file, path / file)
