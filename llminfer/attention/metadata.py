@@ -49,9 +49,8 @@ class AttentionMetadata:
         for new, cached, blocks in zip(num_new_tokens, num_cached_tokens, block_tables, strict=True):
             if cached + new > len(blocks) * block_size:
                 raise ValueError(f"{cached + new} tokens do not fit in {len(blocks)} blocks of {block_size}")
-            for position in range(cached, cached + new):
-                positions.append(position)
-                slots.append(blocks[position // block_size] * block_size + position % block_size)
+            positions += range(cached, cached + new)
+            slots += slot_mapping(blocks, cached, cached + new, block_size)
         width = max(len(b) for b in block_tables)
         padded = [b + [-1] * (width - len(b)) for b in block_tables]
         starts = [0]
@@ -70,6 +69,11 @@ class AttentionMetadata:
             max_query_len=max(num_new_tokens),
             max_seq_len=max(lens),
         )
+
+
+def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slot of each token position in [start, end) of a sequence with this block table."""
+    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def count_decodes(num_new_tokens: list[int]) -> int:

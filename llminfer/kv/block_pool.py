@@ -133,9 +133,3 @@ class BlockPool:
             if block_hash not in self.cached and block.block_hash is None:
                 block.block_hash, block.parent_hash, block.token_ids = block_hash, parent, chunk
                 self.cached[block_hash] = block
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached prefix (blocks in use keep their contents)."""
-        for block in self.cached.values():
-            block.block_hash, block.parent_hash, block.token_ids = None, None, ()
-        self.cached.clear()

@@ -19,11 +19,6 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype)
     return block_size * kv_bytes_per_token(config, dtype.itemsize)
 
 
-def slot_mapping(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache slot of each token position in [start, end) of a request with this block table."""
-    return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
