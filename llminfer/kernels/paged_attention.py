@@ -14,6 +14,7 @@ import torch
 
 from llminfer.attention.metadata import AttentionMetadata
 from llminfer.attention.reference import cache_attention
+from llminfer.kernels import cpu
 
 try:
     import triton
@@ -295,16 +296,31 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int) -> torch.Tensor:
     """Attention of one new token per sequence [num_seqs, num_heads, head_dim] over its cached context.
 
-    `seq_lens` counts the new token, whose K/V must already be stored. CUDA: Triton; else the reference.
+    `seq_lens` counts the new token, whose K/V must already be stored. CUDA: Triton; fp32 on the CPU: the
+    C kernel of `llminfer.kernels.cpu` when it builds; else the reference.
     """
-    run = paged_attention_decode_triton if q.is_cuda and triton is not None else paged_attention_decode_reference
-    return run(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+    if q.is_cuda and triton is not None:
+        return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
+    if cpu.supports(q, k_cache):
+        rows = torch.arange(q.shape[0], device=q.device)
+        return cpu.paged_attention_rows(q, k_cache, v_cache, block_tables, rows, seq_lens, scale)
+    return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
     """Causal attention of each sequence's last n_i tokens (flattened [num_tokens, heads, head_dim]) over
-    its cache, which already holds their K/V. CUDA: Triton; else the reference."""
-    run = paged_attention_prefill_triton if q.is_cuda and triton is not None else paged_attention_prefill_reference
-    return run(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len, max_seq_len)
+    its cache, which already holds their K/V. CUDA: Triton; fp32 on the CPU: the C kernel of
+    `llminfer.kernels.cpu` when it builds; else the reference."""
+    if q.is_cuda and triton is not None:
+        return paged_attention_prefill_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                              max_query_len, max_seq_len)
+    if cpu.supports(q, k_cache):
+        # Row i of sequence s sits at position seq_len - (end of s's rows - i) and sees keys up to it.
+        num_new = query_start_loc[1:] - query_start_loc[:-1]
+        row_seq = torch.repeat_interleave(torch.arange(num_new.numel(), device=q.device), num_new)
+        row_len = seq_lens[row_seq] - query_start_loc[1:][row_seq] + torch.arange(q.shape[0], device=q.device) + 1
+        return cpu.paged_attention_rows(q, k_cache, v_cache, block_tables, row_seq, row_len, scale)
+    return paged_attention_prefill_reference(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                             max_query_len, max_seq_len)

@@ -1,0 +1,154 @@
+"""The engine's CPU attention kernel: `paged_attention.c`, compiled on first use and called with ctypes.
+
+On the CPU the decode step is memory-bound: each step reads every cached key and value once. The torch
+reference gathers the used blocks into a new tensor first, so it reads the cache, writes a copy and reads
+that again. The C kernel reads each block in place through the block table, once for all the query heads
+of a KV head, which is what PagedAttention's GPU kernel does too (chapter 6).
+
+The library is built with the system C compiler into `$LLMINFER_CACHE/kernels` (default
+`~/.cache/llminfer/kernels`), named by a hash of the source, the flags and the CPU, so an edit or another
+machine rebuilds it. Without OpenMP (Apple's clang) it is built single-threaded. Without a compiler, or with
+`LLMINFER_CPU_KERNEL=0`, `supports()` is False and the engine keeps the torch reference.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("paged_attention.c")
+# -ffast-math lets gcc vectorise expf (glibc's libmvec) and reorder the dot-product sums. It is given to
+# the compile step only: linked with -ffast-math, gcc 12 would add crtfastmath.o, which switches the whole
+# process to flush-to-zero when the library loads.
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-std=c11", "-Wall"]
+LINK_FLAGS = ["-shared", "-lm"]
+# (compile, link) flags: OpenMP threads if the compiler has OpenMP, else one thread.
+THREADING = [(["-fopenmp"], ["-fopenmp"]), (["-Wno-unknown-pragmas"], [])]
+
+_libraries: dict[tuple[int, int], ctypes.CDLL] = {}
+_failure: str | None = None
+
+
+def _cpu_name() -> str:
+    """The CPU's model and instruction-set flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
+
+
+def _build(compiler: str, defines: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        obj, lib = Path(scratch) / "kernel.o", Path(scratch) / target.name
+        for compile_threads, link_threads in THREADING:
+            try:
+                subprocess.run([compiler, *COMPILE_FLAGS, *compile_threads, *defines, "-c", str(SOURCE), "-o",
+                                str(obj)], check=True, capture_output=True, text=True)
+                subprocess.run([compiler, str(obj), *LINK_FLAGS, *link_threads, "-o", str(lib)], check=True,
+                               capture_output=True, text=True)
+                break
+            except subprocess.CalledProcessError:
+                if link_threads is THREADING[-1][1]:
+                    raise
+        os.replace(lib, target)   # atomic: a process building at the same time never loads half a file
+
+
+def load(head_dim: int, group: int) -> ctypes.CDLL | None:
+    """The kernel library for this head_dim and GQA group, built if needed; None (and one warning) when
+    no library can be built here."""
+    global _failure
+    if (head_dim, group) in _libraries or _failure is not None:
+        return _libraries.get((head_dim, group))
+    if os.environ.get("LLMINFER_CPU_KERNEL", "1") == "0":
+        _failure = "disabled by LLMINFER_CPU_KERNEL=0"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}"]
+    recipe = [SOURCE.read_text(), str(compiler), *COMPILE_FLAGS, *LINK_FLAGS, repr(THREADING), *defines, _cpu_name(),
+              platform.machine()]
+    key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer"))
+    target = root / "kernels" / f"paged_attention-d{head_dim}-g{group}-{key}.so"
+    try:
+        if compiler is None:
+            raise OSError("no C compiler found (set CC)")
+        if not target.exists():
+            _build(compiler, defines, target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        _failure = f"building {SOURCE.name} failed: {detail.strip()[-500:]}"
+        warnings.warn(f"llminfer: no CPU attention kernel ({_failure}); using the torch reference", stacklevel=2)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    library.llminfer_paged_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
+    library.llminfer_paged_attention.restype = ctypes.c_int
+    _libraries[head_dim, group] = library
+    return library
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """True when the kernel runs these tensors here: fp32 on the CPU, and a library builds for the shape."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return False
+    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[1] % k_cache.shape[2]:
+        return False
+    return load(q.shape[2], q.shape[1] // k_cache.shape[2]) is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why no library could be built (None while nothing has failed)."""
+    return _failure
+
+
+def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                         row_seq: torch.Tensor, row_len: torch.Tensor, scale: float) -> torch.Tensor:
+    """Row r of q [rows, heads, head_dim] attends over the first row_len[r] cached tokens of sequence row_seq[r].
+
+    fp32 CPU tensors only; the caches are [blocks, block_size, kv_heads, head_dim] and must already hold
+    every key a row sees. Decode: one row per sequence, row_len = seq_len. Prefill: a row per new token,
+    row_len = its position + 1.
+    """
+    num_rows, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if num_heads % num_kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    library = load(head_dim, num_heads // num_kv_heads)
+    if library is None:
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {_failure}")
+    if num_rows == 0:
+        return torch.empty_like(q)
+    row_len = row_len.to(torch.int64).contiguous()
+    row_seq = row_seq.to(torch.int64).contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    if int(row_seq.min()) < 0 or int(row_seq.max()) >= tables.shape[0]:
+        raise ValueError(f"row_seq must name one of the {tables.shape[0]} block tables, got "
+                         f"{int(row_seq.min())}..{int(row_seq.max())}")
+    if int(row_len.min()) < 1 or int(row_len.max()) > tables.shape[1] * block_size:
+        raise ValueError(f"row lengths must lie in 1..{tables.shape[1] * block_size}, got "
+                         f"{int(row_len.min())}..{int(row_len.max())}")
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    out = torch.empty_like(q)
+    status = library.llminfer_paged_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), row_seq.data_ptr(),
+        row_len.data_ptr(), out.data_ptr(), num_rows, num_kv_heads, block_size, num_blocks, tables.shape[1], scale,
+        torch.get_num_threads())
+    if status == 2:
+        raise ValueError(f"a block table names a block outside the cache's {num_blocks} blocks")
+    if status != 0:
+        raise MemoryError("the CPU attention kernel could not allocate its score buffer")
+    return out
