@@ -31,13 +31,14 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 
     result = run(args.model, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), args.seed,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                 device=args.device, dtype=args.dtype)
+                 device=args.device, dtype=args.dtype, repeats=args.repeats)
     if args.json:
         save_result("throughput", result, args.json)
     ours, theirs = result["llminfer"], result["transformers"]
     print(f"{result['num_prompts']} requests, {result['output_tokens']} output tokens on {result['device']}")
-    print(f"llminfer      {ours['output_tokens_per_s']:10.1f} output tokens/s  ({ours['seconds']:.2f} s)")
-    print(f"transformers  {theirs['output_tokens_per_s']:10.1f} output tokens/s  ({theirs['seconds']:.2f} s)")
+    runs = f", median of {result['repeats']} alternating runs" if result["repeats"] > 1 else ""
+    print(f"llminfer      {ours['output_tokens_per_s']:10.1f} output tokens/s  ({ours['seconds']:.2f} s{runs})")
+    print(f"transformers  {theirs['output_tokens_per_s']:10.1f} output tokens/s  ({theirs['seconds']:.2f} s{runs})")
     agree = result["outputs_agree"]
     print(f"speedup {result['speedup']:.2f}x; identical outputs {agree['requests_identical']}/{agree['requests']}, "
           f"token agreement {agree['token_agreement']:.4f}")
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--max-num-batched-tokens", type=int, default=2048)
     tp.add_argument("--device", default=None)
     tp.add_argument("--dtype", default="auto")
+    tp.add_argument("--repeats", type=int, default=1, help="run both this many times, alternating; report medians")
     tp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
     tp.set_defaults(run=_bench_throughput)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")

@@ -43,3 +43,13 @@ def test_cli_writes_the_json_record(tmp_path, capsys):
     record = json.loads(path.read_text())
     assert record["benchmark"] == "throughput" and record["machine"] and record["num_prompts"] == 3
     assert "speedup" in capsys.readouterr().out
+
+
+def test_repeats_alternate_and_report_the_medians():
+    result = run("llama-tiny-random", num_prompts=3, input_len=(3, 6), output_len=(2, 3), seed=0, max_num_seqs=2,
+                 repeats=3)
+    for engine in ("llminfer", "transformers"):
+        runs = result[engine]["seconds_each_run"]
+        assert len(runs) == 3 and result[engine]["seconds"] == sorted(runs)[1]
+    with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
+        run("llama-tiny-random", num_prompts=1, input_len=(3, 3), output_len=(2, 2), seed=0, repeats=0)

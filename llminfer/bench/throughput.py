@@ -8,6 +8,7 @@ until its longest request is done (static batching). Throughput counts only the 
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -89,8 +90,13 @@ def agreement(ours: list[list[int]], theirs: list[list[int]]) -> dict:
 
 def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_len: tuple[int, int], seed: int,
         max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, device: str | None = None,
-        dtype: str = "auto") -> dict:
-    """Both engines on the same requests in this process; returns tokens/s of each and the ratio."""
+        dtype: str = "auto", repeats: int = 1) -> dict:
+    """Both engines on the same requests in this process; returns tokens/s of each and the ratio.
+
+    With `repeats` > 1 the two alternate (ours, theirs, ours, ...) so a slow spell of a shared machine
+    hits both, and the medians are reported; every run's seconds are recorded too."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     from transformers import AutoModelForCausalLM
 
     from llminfer.engine.llm import LLM
@@ -107,20 +113,27 @@ def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_le
     run_llminfer(llm, [Request(r.prompt_token_ids, 4) for r in warmup])
     run_transformers(hf, [Request(r.prompt_token_ids, 4) for r in warmup], max_num_seqs, pad)
     trace = llm.llm_engine.trace
-    first_step = len(trace)
-    ours_s, ours = run_llminfer(llm, requests)
-    steps = trace[first_step:]
-    theirs_s, theirs = run_transformers(hf, requests, max_num_seqs, pad)
+    ours_runs, theirs_runs = [], []
+    for _ in range(repeats):
+        first_step = len(trace)
+        seconds, ours = run_llminfer(llm, requests)
+        ours_runs.append(seconds)
+        steps = trace[first_step:]
+        seconds, theirs = run_transformers(hf, requests, max_num_seqs, pad)
+        theirs_runs.append(seconds)
+    ours_s, theirs_s = statistics.median(ours_runs), statistics.median(theirs_runs)
     tokens = sum(r.output_len for r in requests)
     return {
         "model": model_name, "device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch."),
         "num_prompts": num_prompts, "input_len": list(input_len), "output_len": list(output_len), "seed": seed,
         "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
         "prompt_tokens": sum(len(r.prompt_token_ids) for r in requests), "output_tokens": tokens,
-        "llminfer": {"seconds": ours_s, "output_tokens_per_s": tokens / ours_s,
+        "repeats": repeats,
+        "llminfer": {"seconds": ours_s, "output_tokens_per_s": tokens / ours_s, "seconds_each_run": ours_runs,
                      "steps": len(steps),
                      "preemptions": sum(len(r.preempted) for r in steps)},
-        "transformers": {"seconds": theirs_s, "output_tokens_per_s": tokens / theirs_s, "batch_size": max_num_seqs},
+        "transformers": {"seconds": theirs_s, "output_tokens_per_s": tokens / theirs_s,
+                         "seconds_each_run": theirs_runs, "batch_size": max_num_seqs},
         "speedup": theirs_s / ours_s,
         "outputs_agree": agreement(ours, theirs),
     }
