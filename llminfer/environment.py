@@ -47,7 +47,16 @@ def triton_mode() -> str:
         return "interpreted (TRITON_INTERPRET=1): correct but ~1000x slower than compiled"
     if torch.cuda.is_available():
         return "compiled for the GPU"
-    return "not compiled (no GPU): the engine uses PyTorch references; TRITON_INTERPRET=1 runs kernels interpreted"
+    return "not compiled (no GPU): CPU attention runs in C; TRITON_INTERPRET=1 runs the Triton kernels interpreted"
+
+
+def cpu_kernel_mode() -> str:
+    """Whether the engine's CPU attention can run in C here, without building anything."""
+    from llminfer.kernels import cpu
+
+    if cpu.unavailable_reason():
+        return f"unavailable ({cpu.unavailable_reason()}): attention on CPU uses the PyTorch reference"
+    return f"C, built on first use with {cpu.compiler_path()} into {cpu.cache_dir()}"
 
 
 def report() -> tuple[list[str], bool]:
@@ -57,4 +66,5 @@ def report() -> tuple[list[str], bool]:
     lines.append(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
     lines.append(f"device: {device_description()}")
     lines.append(f"triton kernels: {triton_mode()}")
+    lines.append(f"cpu attention kernel: {cpu_kernel_mode()}")
     return lines, all(status != "FAIL" for status, _, _ in rows)

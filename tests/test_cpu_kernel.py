@@ -153,6 +153,14 @@ def test_without_a_compiler_the_reference_runs_and_says_why(tmp_path):
     assert "using the torch reference" in done.stderr   # one warning names the fallback
 
 
+def test_with_no_compiler_on_the_path_the_reference_runs(tmp_path, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    done = run_python(PROBE, PATH=str(tmp_path), LLMINFER_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "supported False | no C compiler found (set CC)" in done.stdout
+    assert "using the torch reference" in done.stderr
+
+
 def test_the_kernel_can_be_switched_off(tmp_path):
     done = run_python(PROBE, LLMINFER_CPU_KERNEL="0", LLMINFER_CACHE=str(tmp_path))
     assert done.returncode == 0, done.stderr

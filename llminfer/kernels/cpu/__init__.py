@@ -47,6 +47,16 @@ def _cpu_name() -> str:
     return "\n".join(next((line for line in lines if line.startswith(key)), "") for key in ("model name", "flags"))
 
 
+def compiler_path() -> str | None:
+    """The C compiler: $CC, else cc or gcc on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $LLMINFER_CACHE/kernels, default ~/.cache/llminfer/kernels."""
+    return Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer")) / "kernels"
+
+
 def _build(compiler: str, defines: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
@@ -64,33 +74,39 @@ def _build(compiler: str, defines: list[str], target: Path) -> None:
         os.replace(lib, target)   # atomic: a process building at the same time never loads half a file
 
 
+def _switched_off() -> bool:
+    return os.environ.get("LLMINFER_CPU_KERNEL", "1") == "0"
+
+
+def _give_up(reason: str) -> None:
+    """Remember why no library can be built here, and say so once."""
+    global _failure
+    _failure = reason
+    warnings.warn(f"llminfer: no CPU attention kernel ({reason}); using the torch reference", stacklevel=3)
+
+
 def load(head_dim: int, group: int) -> ctypes.CDLL | None:
     """The kernel library for this head_dim and GQA group, built if needed; None (and one warning) when
     no library can be built here."""
-    global _failure
-    if (head_dim, group) in _libraries or _failure is not None:
-        return _libraries.get((head_dim, group))
-    if os.environ.get("LLMINFER_CPU_KERNEL", "1") == "0":
-        _failure = "disabled by LLMINFER_CPU_KERNEL=0"
+    if (head_dim, group) in _libraries:
+        return _libraries[head_dim, group]
+    if _failure is not None or _switched_off():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = compiler_path()
+    if compiler is None:
+        return _give_up("no C compiler found (set CC)")
     defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}"]
     recipe = [SOURCE.read_text(), str(compiler), *COMPILE_FLAGS, *LINK_FLAGS, repr(THREADING), *defines, _cpu_name(),
               platform.machine()]
     key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer"))
-    target = root / "kernels" / f"paged_attention-d{head_dim}-g{group}-{key}.so"
+    target = cache_dir() / f"paged_attention-d{head_dim}-g{group}-{key}.so"
     try:
-        if compiler is None:
-            raise OSError("no C compiler found (set CC)")
         if not target.exists():
             _build(compiler, defines, target)
         library = ctypes.CDLL(str(target))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or str(error)
-        _failure = f"building {SOURCE.name} failed: {detail.strip()[-500:]}"
-        warnings.warn(f"llminfer: no CPU attention kernel ({_failure}); using the torch reference", stacklevel=2)
-        return None
+        return _give_up(f"building {SOURCE.name} failed: {detail.strip()[-500:]}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.llminfer_paged_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
     library.llminfer_paged_attention.restype = ctypes.c_int
@@ -108,8 +124,14 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
 
 
 def unavailable_reason() -> str | None:
-    """Why no library could be built (None while nothing has failed)."""
-    return _failure
+    """Why the kernel cannot run here (switched off, no compiler, a failed build), or None."""
+    if _failure is not None:
+        return _failure
+    if _switched_off():
+        return "disabled by LLMINFER_CPU_KERNEL=0"
+    if compiler_path() is None:
+        return "no C compiler found (set CC)"
+    return None
 
 
 def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
