@@ -151,7 +151,7 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     library = load(head_dim, num_heads // num_kv_heads)
     if library is None:
-        raise RuntimeError(f"the CPU attention kernel is unavailable: {_failure}")
+        raise RuntimeError(f"the CPU attention kernel is unavailable: {unavailable_reason()}")
     if num_rows == 0:
         return torch.empty_like(q)
     row_len = row_len.to(torch.int64).contiguous()
