@@ -118,7 +118,7 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, params: SamplingPar
              use_cache: bool = True) -> Generation:
     """Generate a continuation of `prompt` as text, and say why generation stopped."""
     if params.n != 1:
-        raise ValueError(f"n={params.n}: the Part I loop generates one sequence per prompt; the engine does n > 1")
+        raise ValueError(f"n={params.n}: the Part I loop generates one sequence per prompt; llminfer.LLM does n > 1")
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     loop = generate_tokens if use_cache else generate_tokens_no_cache
     logprobs = [] if params.logprobs is not None else None

@@ -99,6 +99,9 @@ def test_llm_api_matches_vllm_shape_and_keeps_input_order(model_and_tokenizer):
                for o in outputs)
     single = llm.generate("KING", SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert single[0].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    mixed = llm.generate(["KING", "To be"], [SamplingParams(n=2, seed=1, max_tokens=5), SamplingParams(max_tokens=5)],
+                         use_tqdm=False)
+    assert [len(o.outputs) for o in mixed] == [2, 1] and [o.prompt for o in mixed] == ["KING", "To be"]
 
 
 def test_bad_prompts_fail_their_request_and_the_others_complete(model_and_tokenizer):
@@ -114,11 +117,63 @@ def test_bad_prompts_fail_their_request_and_the_others_complete(model_and_tokeni
 
 @pytest.mark.parametrize("params, match", [
     ("greedy", "must be a SamplingParams"),
-    (SamplingParams(n=2), "n=2"),
+    ({"temperature": 0}, "must be a SamplingParams"),
 ])
 def test_invalid_parameters_fail_at_submission(model_and_tokenizer, params, match):
     with pytest.raises(ValueError, match=match):
         engine(model_and_tokenizer).add_request(None, "ROMEO:", params)
+
+
+def test_parallel_sampling_gives_n_completions_each_equal_to_part_one_with_seed_plus_i(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    params = SamplingParams(n=3, temperature=1.0, top_p=0.95, seed=7, max_tokens=12, logprobs=1, stop=["\n\n"])
+    # Chunked prefill (budget 5) and a pool of 8 blocks of 4, one request's worth: the three samples chunk and
+    # preempt each other.
+    eng = engine(model_and_tokenizer, max_num_batched_tokens=5, num_kv_blocks=8, block_size=4, max_model_len=32)
+    [out] = run(eng, ["JULIET:\nO Romeo, Romeo"], params)
+    assert any(record.preempted for record in eng.trace)
+    assert out.finished and [c.index for c in out.outputs] == [0, 1, 2]
+    for i, completion in enumerate(out.outputs):
+        one = SamplingParams(temperature=1.0, top_p=0.95, seed=7 + i, max_tokens=12, logprobs=1, stop=["\n\n"])
+        reference = generate(model, tokenizer, "JULIET:\nO Romeo, Romeo", one)
+        assert completion.token_ids == reference.token_ids and completion.text == reference.text
+        assert completion.finish_reason == reference.finish_reason
+    assert len({tuple(c.token_ids) for c in out.outputs}) == 3     # different seeds, different samples
+    assert eng.pool.num_free_blocks == eng.pool.num_blocks and not eng._samples and not eng._request_of
+
+
+def test_parallel_sampling_streams_one_output_per_request_and_shares_the_prompt(model_and_tokenizer):
+    eng = engine(model_and_tokenizer, max_num_seqs=1)   # one sample at a time: later ones hit the prefix cache
+    prompt = {"prompt_token_ids": list(range(1, 41))}  # 40 tokens: 2 full blocks of 16
+    request_id = eng.add_request("r", prompt, SamplingParams(n=3, temperature=0, max_tokens=4))
+    seen = []
+    while eng.has_unfinished_requests():
+        for output in eng.step():
+            assert output.request_id == request_id and len(output.outputs) == 3
+            seen.append(output)
+    assert [o.finished for o in seen] == [False] * (len(seen) - 1) + [True]
+    final = seen[-1]
+    assert len({tuple(c.token_ids) for c in final.outputs}) == 1   # greedy: n identical completions
+    assert sum(len(o.new_token_ids) for o in seen) == 3 * 4
+    hits = [hit for record in eng.trace for hit in record.prefix_hits.items()]
+    assert ("1_r", 32) in hits and ("2_r", 32) in hits and final.metrics.finished_time is not None
+
+
+def test_parallel_sampling_abort_bad_prompts_and_ids(model_and_tokenizer):
+    eng = engine(model_and_tokenizer, max_model_len=32)
+    eng.add_request("a", "ROMEO:", SamplingParams(n=4, max_tokens=50, ignore_eos=True))
+    eng.add_request("b", "word " * 40, SamplingParams(n=2))           # too long: both samples fail
+    with pytest.raises(ValueError, match="'a' is already running"):
+        eng.add_request("a", "KING", SamplingParams(n=2))
+    with pytest.raises(ValueError, match="'1_a' is already running"):
+        eng.add_request("1_a", "KING")
+    first = {o.request_id: o for o in eng.step()}
+    assert first["b"].finished and [c.finish_reason for c in first["b"].outputs] == ["error"] * 2
+    assert "context is 32" in first["b"].error
+    eng.abort("a")
+    last = {o.request_id: o for o in eng.step()}
+    assert not eng.has_unfinished_requests() and eng.pool.num_free_blocks == eng.pool.num_blocks
+    assert "a" not in last and not eng._samples and not eng._request_of   # nothing reported, nothing kept
 
 
 def test_llm_generate_refuses_a_malformed_batch_before_running_anything(model_and_tokenizer):

@@ -8,6 +8,7 @@ the chapters to draw.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -72,7 +73,10 @@ class LLMEngine:
         self.scheduler = scheduler_cls(self.pool, max_num_seqs, max_num_batched_tokens)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.runner = ModelRunner(model, self.kv_cache, self.generator)
-        self.requests: dict[str, Sequence] = {}   # every unfinished request, by id
+        self.requests: dict[str, Sequence] = {}   # every unfinished sequence, by id
+        # Parallel sampling (n > 1): a request runs as n sequences, reported together under the request's id.
+        self._samples: dict[str, list[Sequence]] = {}   # request id -> its n sequences, until all finish
+        self._request_of: dict[str, str] = {}           # sequence id -> request id, for those sequences
         self._failed: list[Sequence] = []        # rejected at submission; reported by the next step
         self._ids = itertools.count()
         self.trace: list[StepRecord] = []
@@ -101,17 +105,38 @@ class LLMEngine:
 
     def add_request(self, request_id: str | None, prompt: str | dict, params: SamplingParams | None = None) -> str:
         """Queue a request. Invalid parameters raise here; a prompt the model cannot take (empty, too long,
-        unknown token ids) makes a request that fails with that reason at the next step."""
+        unknown token ids) makes a request that fails with that reason at the next step.
+
+        With `params.n > 1` the request runs as n sequences with ids `"{i}_{request_id}"` (as in vLLM), each
+        with seed `seed + i` when a seed is given, and its outputs carry all n completions."""
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if params.n != 1:
-            raise ValueError(f"n={params.n}: this engine returns one completion per request; submit it n times")
         request_id = str(next(self._ids)) if request_id is None else request_id
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already running")
         text, token_ids = self._tokenize(prompt)
-        seq = Sequence(request_id, text, token_ids, params, frozenset(stop_token_ids(self.model, params)),
+        if params.n == 1:
+            self._check_new_id(request_id)
+            self._add_sequence(request_id, text, token_ids, params)
+            return request_id
+        ids = [f"{i}_{request_id}" for i in range(params.n)]
+        for sequence_id in [request_id, *ids]:
+            self._check_new_id(sequence_id)
+        samples = []
+        for i, sequence_id in enumerate(ids):
+            seed = None if params.seed is None else params.seed + i
+            one = dataclasses.replace(params, n=1, seed=seed)
+            samples.append(self._add_sequence(sequence_id, text, token_ids, one))
+            self._request_of[sequence_id] = request_id
+        self._samples[request_id] = samples
+        return request_id
+
+    def _check_new_id(self, request_id: str) -> None:
+        if request_id in self.requests or request_id in self._samples:
+            raise ValueError(f"request id {request_id!r} is already running")
+
+    def _add_sequence(self, request_id: str, text: str | None, token_ids: list[int],
+                      params: SamplingParams) -> Sequence:
+        seq = Sequence(request_id, text, list(token_ids), params, frozenset(stop_token_ids(self.model, params)),
                        make_generator(params, self.device))
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]  # the first token has no context to be predicted from
@@ -125,10 +150,10 @@ class LLMEngine:
             seq.error = str(exc)
             seq.finish("error")
             self._failed.append(seq)
-            return request_id
+            return seq
         self.requests[request_id] = seq
         self.scheduler.add(seq)
-        return request_id
+        return seq
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -143,10 +168,13 @@ class LLMEngine:
         raise ValueError(f"a prompt is a str or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r:.80}")
 
     def abort(self, request_id: str) -> None:
-        """Stop a request now and give its blocks back (unknown or finished ids are ignored)."""
-        seq = self.requests.pop(request_id, None)
-        if seq is not None:
-            self.scheduler.finish(seq, "abort")
+        """Stop a request (all n sequences of one with n > 1) now and give its blocks back; unknown or
+        finished ids are ignored."""
+        for seq in self._samples.pop(request_id, [self.requests.get(request_id)]):
+            if seq is not None and self.requests.pop(seq.request_id, None) is not None:
+                self.scheduler.finish(seq, "abort")
+            if seq is not None and self._request_of.get(seq.request_id) == request_id:
+                del self._request_of[seq.request_id]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._failed)
@@ -155,7 +183,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return an output for every request that gained a token or ended."""
-        outputs = [self._output(seq, []) for seq in self._failed]
+        changed = [(seq, []) for seq in self._failed]
         self._failed.clear()
         start = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -164,7 +192,7 @@ class LLMEngine:
                 raise RuntimeError(f"{type(self.scheduler).__name__} scheduled nothing while requests wait: with the "
                                    "default scheduler this means the KV pool cannot hold the oldest request; a "
                                    "policy that holds requests back should not call step() until it has work")
-            return outputs
+            return self._outputs(changed)
         result = self.runner.execute(plan.scheduled)
         now = time.perf_counter()
         finished = []
@@ -184,14 +212,14 @@ class LLMEngine:
             self._check_stop(seq, token)
             if seq.is_finished:
                 finished.append(seq.request_id)
-            outputs.append(self._output(seq, [token]))
+            changed.append((seq, [token]))
         self.trace.append(StepRecord(
             step=len(self.trace), start=start - self.start_time, duration=time.perf_counter() - start,
             scheduled={seq.request_id: n for seq, n in plan.scheduled}, prefix_hits=plan.prefix_hits,
             preempted=[seq.request_id for seq in plan.preempted], finished=finished,
             num_used_blocks=self.pool.num_used_blocks, num_waiting=len(self.scheduler.waiting),
             num_running=len(self.scheduler.running)))
-        return outputs
+        return self._outputs(changed)
 
     def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         # Row j predicts the token at position start + j + 1; keep those still inside the prompt and not yet
@@ -228,11 +256,36 @@ class LLMEngine:
         self.scheduler.finish(seq, reason, stop_reason)
         del self.requests[seq.request_id]
 
-    def _output(self, seq: Sequence, new_token_ids: list[int]) -> RequestOutput:
-        cumulative = (sum(step[t].logprob for step, t in zip(seq.logprobs, seq.output_token_ids, strict=True))
-                      if seq.logprobs is not None else None)
-        completion = CompletionOutput(0, seq.text, seq.output_token_ids, cumulative, seq.logprobs,
-                                      seq.finish_reason, seq.stop_reason)
-        metrics = RequestMetrics(seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.prompt_logprobs, [completion],
-                             seq.is_finished, new_token_ids, seq.num_cached_tokens, metrics, seq.error)
+    def _outputs(self, changed: list[tuple[Sequence, list[int]]]) -> list[RequestOutput]:
+        """One output per request that changed this step; the n sequences of a request are reported together."""
+        groups: dict[str, tuple[list[Sequence], list[int]]] = {}
+        for seq, tokens in changed:
+            request_id = self._request_of.get(seq.request_id, seq.request_id)
+            if request_id not in groups:
+                groups[request_id] = (self._samples.get(request_id, [seq]), [])
+            groups[request_id][1].extend(tokens)
+        outputs = []
+        for request_id, (seqs, tokens) in groups.items():
+            outputs.append(self._output(request_id, seqs, tokens))
+            if outputs[-1].finished and request_id in self._samples:
+                for seq in self._samples.pop(request_id):
+                    del self._request_of[seq.request_id]
+        return outputs
+
+    def _output(self, request_id: str, seqs: list[Sequence], new_token_ids: list[int]) -> RequestOutput:
+        completions = []
+        for index, seq in enumerate(seqs):
+            cumulative = (sum(step[t].logprob for step, t in zip(seq.logprobs, seq.output_token_ids, strict=True))
+                          if seq.logprobs is not None else None)
+            completions.append(CompletionOutput(index, seq.text, seq.output_token_ids, cumulative, seq.logprobs,
+                                                seq.finish_reason, seq.stop_reason))
+        first, finished = seqs[0], all(seq.is_finished for seq in seqs)
+
+        def earliest(times: list[float | None]) -> float | None:
+            return min((t for t in times if t is not None), default=None)
+
+        metrics = RequestMetrics(first.arrival_time, earliest([s.first_scheduled_time for s in seqs]),
+                                 earliest([s.first_token_time for s in seqs]),
+                                 max(s.finished_time for s in seqs) if finished else None)
+        return RequestOutput(request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs, completions,
+                             finished, new_token_ids, first.num_cached_tokens, metrics, first.error)

@@ -37,7 +37,8 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
     finished: bool
-    new_token_ids: list[int]       # the tokens this step added (what a stream sends)
+    new_token_ids: list[int]       # the tokens this step added (what a stream sends); with n > 1, those of
+                                   # every completion in index order (diff outputs[i].token_ids to tell apart)
     num_cached_tokens: int         # prompt tokens served by the prefix cache
     metrics: RequestMetrics
     error: str | None = None       # why the request failed, if it did
