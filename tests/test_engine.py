@@ -159,6 +159,22 @@ def test_parallel_sampling_streams_one_output_per_request_and_shares_the_prompt(
     assert ("1_r", 32) in hits and ("2_r", 32) in hits and final.metrics.finished_time is not None
 
 
+def test_reset_prefix_cache_forgets_every_prefix_and_waits_for_running_requests(model_and_tokenizer):
+    eng = engine(model_and_tokenizer)
+    prompt = {"prompt_token_ids": list(range(1, 41))}    # 2 full blocks of 16
+    params = SamplingParams(temperature=0, max_tokens=3)
+    first = run(eng, [prompt], params)
+    assert run(eng, [prompt], params)[0].num_cached_tokens == 32
+    eng.add_request("busy", prompt, params)
+    eng.step()
+    assert eng.reset_prefix_cache() is False             # a running request holds blocks
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.reset_prefix_cache() is True and not eng.pool.cached
+    again = run(eng, [prompt], params)[0]
+    assert again.num_cached_tokens == 0 and again.outputs[0].token_ids == first[0].outputs[0].token_ids
+
+
 def test_parallel_sampling_abort_bad_prompts_and_ids(model_and_tokenizer):
     eng = engine(model_and_tokenizer, max_model_len=32)
     eng.add_request("a", "ROMEO:", SamplingParams(n=4, max_tokens=50, ignore_eos=True))

@@ -51,5 +51,7 @@ def test_repeats_alternate_and_report_the_medians():
     for engine in ("llminfer", "transformers"):
         runs = result[engine]["seconds_each_run"]
         assert len(runs) == 3 and result[engine]["seconds"] == sorted(runs)[1]
+    # Every repeat starts with an empty prefix cache: the third run of the same prompts finds nothing cached.
+    assert result["llminfer"]["prefix_cache_hit_tokens"] == 0
     with pytest.raises(ValueError, match="repeats must be at least 1, got 0"):
         run("llama-tiny-random", num_prompts=1, input_len=(3, 3), output_len=(2, 2), seed=0, repeats=0)

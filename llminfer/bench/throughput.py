@@ -115,6 +115,10 @@ def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_le
     trace = llm.llm_engine.trace
     ours_runs, theirs_runs = [], []
     for _ in range(repeats):
+        # Start every run cold: the warm-up and earlier repeats ran these very prompts, and their blocks
+        # would otherwise come back from the prefix cache, an advantage transformers does not get.
+        if not llm.reset_prefix_cache():
+            raise RuntimeError("the engine still holds blocks between runs")
         first_step = len(trace)
         seconds, ours = run_llminfer(llm, requests)
         ours_runs.append(seconds)
@@ -131,6 +135,7 @@ def run(model_name: str, num_prompts: int, input_len: tuple[int, int], output_le
         "repeats": repeats,
         "llminfer": {"seconds": ours_s, "output_tokens_per_s": tokens / ours_s, "seconds_each_run": ours_runs,
                      "steps": len(steps),
+                     "prefix_cache_hit_tokens": sum(n for r in steps for n in r.prefix_hits.values()),
                      "preemptions": sum(len(r.preempted) for r in steps)},
         "transformers": {"seconds": theirs_s, "output_tokens_per_s": tokens / theirs_s,
                          "seconds_each_run": theirs_runs, "batch_size": max_num_seqs},

@@ -45,6 +45,10 @@ class LLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes, so that a repeat of the same prompts computes them again."""
+        return self.llm_engine.reset_prefix_cache()
+
     def generate(self, prompts: str | dict | list[str | dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

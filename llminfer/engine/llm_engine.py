@@ -176,6 +176,10 @@ class LLMEngine:
             if seq is not None and self._request_of.get(seq.request_id) == request_id:
                 del self._request_of[seq.request_id]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget all cached prefixes (vLLM's name); False, changing nothing, while requests hold blocks."""
+        return self.pool.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self._failed)
 

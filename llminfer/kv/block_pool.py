@@ -98,6 +98,16 @@ class BlockPool:
                 self.free_queue[block_id] = block
         block_table.clear()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix, as if no block had ever been filled (benchmarks call it between
+        repeats of the same requests). Refused, returning False, while any block is in use."""
+        if self.num_used_blocks:
+            return False
+        for block in self.cached.values():
+            block.block_hash, block.parent_hash, block.token_ids = None, None, ()
+        self.cached.clear()
+        return True
+
     def find_cached_prefix(self, token_ids: Sequence[int], max_tokens: int) -> tuple[list[Block], list[int]]:
         """The longest run of cached full blocks that starts `token_ids` and covers at most `max_tokens`
         tokens, with their hashes. Nothing is taken yet: pass the blocks to `allocate`."""
