@@ -2,7 +2,8 @@
 
 A step's batch may mix decodes (one new token) and prefills (many). The model runner puts the decodes
 first, so `meta.num_decodes` splits the batch: the decode kernel takes the head, the prefill kernel
-the rest. Each kernel runs compiled Triton on CUDA and its plain-PyTorch reference elsewhere.
+the rest. Each kernel runs compiled Triton on CUDA, C on an fp32 CPU (`llminfer.kernels.cpu`), and
+its plain-PyTorch reference otherwise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Triton kernels of Part II, each beside the plain-PyTorch reference it is tested against.
+"""Kernels of Part II, each beside the plain-PyTorch reference it is tested against.
 
-The public functions dispatch: CUDA tensors run the compiled Triton kernel, anything else the
-torch reference. The `*_triton` launchers run the kernels directly (on CPU only under
+The public functions dispatch: CUDA tensors run the compiled Triton kernel; fp32 CPU tensors run
+the C attention kernel of `llminfer.kernels.cpu` when it can be built; anything else the torch
+reference. The `*_triton` launchers run the Triton kernels directly (on CPU only under
 `TRITON_INTERPRET=1`, which must be set before this package is imported).
 """
 
