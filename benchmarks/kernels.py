@@ -28,6 +28,7 @@ from llminfer.bench.record import save_result, summarize  # noqa: E402
 from llminfer.bench.roofline import measure_copy_bandwidth, measure_matmul_flops  # noqa: E402
 from llminfer.kernels import (  # noqa: E402
     cpu,
+    paged_attention_decode,
     paged_attention_decode_reference,
     paged_attention_decode_triton,
     paged_attention_prefill,
@@ -78,17 +79,11 @@ def side_by_side(kernel, reference, on_gpu: bool, compare: bool = True) -> dict:
     return row
 
 
-def cpu_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len):
-    """The C kernel with decode's arguments: one row per sequence, seeing its whole context."""
-    rows = torch.arange(q.shape[0])
-    return cpu.paged_attention_rows(q, k_cache, v_cache, block_tables, rows, seq_lens, scale)
-
-
 def kernels(mode: str) -> dict:
     """The kernel timed in each row: Triton (compiled on a GPU, interpreted for --smoke), or C on a CPU."""
     if mode == "cpu":
-        # paged_attention_prefill dispatches fp32 CPU tensors to the C kernel (tests/test_cpu_kernel.py checks it).
-        return {"decode": cpu_decode, "prefill": paged_attention_prefill, "store_kv": None}
+        # The dispatchers send fp32 CPU tensors to the C kernel (tests/test_cpu_kernel.py checks it).
+        return {"decode": paged_attention_decode, "prefill": paged_attention_prefill, "store_kv": None}
     return {"decode": paged_attention_decode_triton, "prefill": paged_attention_prefill_triton,
             "store_kv": store_kv_triton}
 

@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,12 @@ from llminfer.bench.record import cpu_model
 
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"]
 OPTIONAL = {"jupyter-book": "book extra", "vllm": "vllm extra, GPU only"}
+
+
+def cache_root() -> Path:
+    """Where llminfer keeps what it builds or writes once (random checkpoints, compiled kernels):
+    `$LLMINFER_CACHE`, else `~/.cache/llminfer`."""
+    return Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer"))
 
 
 def dependency_rows() -> list[tuple[str, str, str]]:
@@ -54,8 +61,9 @@ def cpu_kernel_mode() -> str:
     """Whether the engine's CPU attention can run in C here, without building anything."""
     from llminfer.kernels import cpu
 
-    if cpu.unavailable_reason():
-        return f"unavailable ({cpu.unavailable_reason()}): attention on CPU uses the PyTorch reference"
+    reason = cpu.unavailable_reason()
+    if reason:
+        return f"unavailable ({reason}): attention on CPU uses the PyTorch reference"
     return f"C, built on first use with {cpu.compiler_path()} into {cpu.cache_dir()}"
 
 

@@ -170,11 +170,12 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request (all n sequences of one with n > 1) now and give its blocks back; unknown or
         finished ids are ignored."""
-        for seq in self._samples.pop(request_id, [self.requests.get(request_id)]):
+        samples = self._samples.pop(request_id, [])
+        for seq in samples:
+            del self._request_of[seq.request_id]
+        for seq in samples or [self.requests.get(request_id)]:
             if seq is not None and self.requests.pop(seq.request_id, None) is not None:
                 self.scheduler.finish(seq, "abort")
-            if seq is not None and self._request_of.get(seq.request_id) == request_id:
-                del self._request_of[seq.request_id]
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes (vLLM's name); False, changing nothing, while requests hold blocks."""

@@ -5,11 +5,12 @@ benchmarks feed token ids and skip detokenization (`SamplingParams(detokenize=Fa
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from llminfer.environment import cache_root
 
 RANDOM_MODELS = {
     # Qwen3-0.6B's published shape (the nano-vllm benchmark model).
@@ -33,8 +34,7 @@ def random_checkpoint(name: str, root: str | Path | None = None) -> Path:
 
     if name not in RANDOM_MODELS:
         raise ValueError(f"unknown random model {name!r}; known: {', '.join(RANDOM_MODELS)}")
-    cache = Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer"))
-    path = Path(root or cache / "random") / name
+    path = Path(root or cache_root() / "random") / name
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return path
     config_class, kwargs = RANDOM_MODELS[name]

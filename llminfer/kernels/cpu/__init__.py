@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from llminfer.environment import cache_root
+
 SOURCE = Path(__file__).with_name("paged_attention.c")
 # -ffast-math lets gcc vectorise expf (glibc's libmvec) and reorder the dot-product sums. It is given to
 # the compile step only: linked with -ffast-math, gcc 12 would add crtfastmath.o, which switches the whole
@@ -54,7 +56,7 @@ def compiler_path() -> str | None:
 
 def cache_dir() -> Path:
     """Where built libraries are kept: $LLMINFER_CACHE/kernels, default ~/.cache/llminfer/kernels."""
-    return Path(os.environ.get("LLMINFER_CACHE", Path.home() / ".cache" / "llminfer")) / "kernels"
+    return cache_root() / "kernels"
 
 
 def _build(compiler: str, defines: list[str], target: Path) -> None:
