@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from llminfer.bench.record import save_result
-from llminfer.bench.throughput import parse_range, run
+from llminfer.bench.throughput import parse_range, run, speedup_text
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         runs.append(result)
         print(f"max_num_seqs {batch:>4}: llminfer {result['llminfer']['output_tokens_per_s']:7.0f} tok/s, "
               f"transformers {result['transformers']['output_tokens_per_s']:7.0f} tok/s, "
-              f"{result['speedup']:.2f}x, identical {result['outputs_agree']['requests_identical']}/{args.num_prompts}")
+              f"{speedup_text(result)}, identical {result['outputs_agree']['requests_identical']}/{args.num_prompts}")
     out = Path(args.out)
     save_result("throughput", runs[-1], out / "throughput.json")
     save_result("throughput_sweep", {"runs": runs}, out / "throughput_sweep.json")

@@ -2,6 +2,7 @@
 
 from llminfer.device import default_device, default_dtype
 from llminfer.engine import LLM, CompletionOutput, LLMEngine, RequestOutput
+from llminfer.engine.inputs import TextPrompt, TokensPrompt
 from llminfer.generate import Generation, generate, generate_tokens, generate_tokens_no_cache
 from llminfer.models.loader import load_model
 from llminfer.models.registry import default_model_name
@@ -16,6 +17,8 @@ __all__ = [
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "TextPrompt",
+    "TokensPrompt",
     "default_device",
     "default_dtype",
     "default_model_name",

@@ -27,21 +27,24 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench_throughput(args: argparse.Namespace) -> int:
     from llminfer.bench.record import save_result
-    from llminfer.bench.throughput import parse_range, run
+    from llminfer.bench.throughput import parse_range, run, speedup_text
 
     result = run(args.model, args.num_prompts, parse_range(args.input_len), parse_range(args.output_len), args.seed,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                 device=args.device, dtype=args.dtype, repeats=args.repeats)
+                 device=args.device, dtype=args.dtype, repeats=args.repeats, busy_cores=args.busy_cores)
     if args.json:
         save_result("throughput", result, args.json)
-    ours, theirs = result["llminfer"], result["transformers"]
-    print(f"{result['num_prompts']} requests, {result['output_tokens']} output tokens on {result['device']}")
+    print(f"{result['num_prompts']} requests, {result['requested_output_tokens']} output tokens requested, "
+          f"on {result['device']} (busy cores: {result['busy_cores']})")
     runs = f", median of {result['repeats']} alternating runs" if result["repeats"] > 1 else ""
-    print(f"llminfer      {ours['output_tokens_per_s']:10.1f} output tokens/s  ({ours['seconds']:.2f} s{runs})")
-    print(f"transformers  {theirs['output_tokens_per_s']:10.1f} output tokens/s  ({theirs['seconds']:.2f} s{runs})")
+    for name in ("llminfer", "transformers"):
+        engine = result[name]
+        print(f"{name:12}  {engine['output_tokens_per_s']:10.1f} output tokens/s  "
+              f"({engine['output_tokens']} tokens in {engine['seconds']:.2f} s{runs})")
     agree = result["outputs_agree"]
-    print(f"speedup {result['speedup']:.2f}x; identical outputs {agree['requests_identical']}/{agree['requests']}, "
-          f"token agreement {agree['token_agreement']:.4f}")
+    token_agreement = "n/a" if agree["token_agreement"] is None else f"{agree['token_agreement']:.4f}"
+    print(f"{speedup_text(result)}; identical outputs {agree['requests_identical']}/{agree['requests']}, "
+          f"token agreement {token_agreement}")
     return 0
 
 
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", default=None)
     tp.add_argument("--dtype", default="auto")
     tp.add_argument("--repeats", type=int, default=1, help="run both this many times, alternating; report medians")
+    tp.add_argument("--busy-cores", type=int, default=0, help="keep this many cores busy while the engines run")
     tp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
     tp.set_defaults(run=_bench_throughput)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:   # a user's mistake: a bad value, a missing or unreadable file
         print(f"llminfer: error: {exc}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from llminfer.bench.record import cpu_model
+from llminfer.device import default_device
 
 REQUIRED = ["torch", "transformers", "tokenizers", "safetensors", "numpy", "matplotlib", "tqdm"]
 OPTIONAL = {"jupyter-book": "book extra", "vllm": "vllm extra, GPU only"}
@@ -73,6 +74,8 @@ def report() -> tuple[list[str], bool]:
     lines = [f"[{status}] {name} {detail}" for status, name, detail in rows]
     lines.append(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
     lines.append(f"device: {device_description()}")
+    chosen_by = " (LLMINFER_DEVICE)" if os.environ.get("LLMINFER_DEVICE") else ""
+    lines.append(f"llminfer runs on: {default_device()}{chosen_by}")   # an invalid LLMINFER_DEVICE raises here
     lines.append(f"triton kernels: {triton_mode()}")
     lines.append(f"cpu attention kernel: {cpu_kernel_mode()}")
     return lines, all(status != "FAIL" for status, _, _ in rows)

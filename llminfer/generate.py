@@ -38,6 +38,17 @@ def check_prompt(prompt_token_ids: list[int], max_context: int) -> None:
         )
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids; a string that is not valid Unicode (a lone surrogate such as "\\ud800", which
+    no UTF-8 byte sequence encodes) raises ValueError saying where, instead of the tokenizer's TypeError."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"prompt is not valid Unicode text: {exc.reason} at index {exc.start} "
+                         f"({prompt[exc.start:exc.end]!r})") from None
+    return tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+
+
 def stop_token_ids(model: torch.nn.Module, params: SamplingParams) -> set[int]:
     """Tokens that end generation: the request's stop tokens, and the model's EOS unless ignored."""
     return set(params.stop_token_ids) | (set() if params.ignore_eos else set(model.config.eos_token_ids))
@@ -66,7 +77,9 @@ class _Decoder:
 
     def done(self, token: int, tokens_fed: int) -> bool:
         # Stop at a stop token, after max_tokens, or when one more token would exceed the context.
-        return token in self.stop_ids or len(self.output) >= self.params.max_tokens or tokens_fed >= self.max_context
+        limit = self.params.max_tokens
+        return (token in self.stop_ids or (limit is not None and len(self.output) >= limit)
+                or tokens_fed >= self.max_context)
 
 
 @torch.no_grad()
@@ -93,7 +106,8 @@ def generate_tokens(
 
     With `params.logprobs` set, each step appends its `{token id: Logprob}` to `logprobs_out`."""
     decoder = _Decoder(model, prompt_token_ids, params, logprobs_out)
-    room = min(len(prompt_token_ids) + params.max_tokens - 1, decoder.max_context)
+    limit = params.max_tokens if params.max_tokens is not None else decoder.max_context
+    room = min(len(prompt_token_ids) + limit - 1, decoder.max_context)
     dtype = next(model.parameters()).dtype
     cache = ContiguousKVCache(model.config, batch_size=1, max_len=room, device=decoder.device, dtype=dtype)
     new_tokens = torch.tensor(prompt_token_ids, device=decoder.device)
@@ -119,15 +133,17 @@ def generate(model: torch.nn.Module, tokenizer, prompt: str, params: SamplingPar
     """Generate a continuation of `prompt` as text, and say why generation stopped."""
     if params.n != 1:
         raise ValueError(f"n={params.n}: the Part I loop generates one sequence per prompt; llminfer.LLM does n > 1")
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+    prompt_ids = encode_prompt(tokenizer, prompt)
     loop = generate_tokens if use_cache else generate_tokens_no_cache
     logprobs = [] if params.logprobs is not None else None
     stop_ids = stop_token_ids(model, params)
     token_ids, finish_reason, text = [], "length", ""
     for token in loop(model, prompt_ids, params, logprobs):
         token_ids.append(token)
-        if token in stop_ids:
+        if token in stop_ids:   # the stop token's text is left out unless asked for, as in vLLM
             finish_reason = "stop"
+            if params.include_stop_str_in_output:
+                text = tokenizer.decode(token_ids)
             break
         text = tokenizer.decode(token_ids)
         if params.stop and len(token_ids) >= params.min_tokens:

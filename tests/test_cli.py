@@ -29,7 +29,7 @@ def test_generate_prints_the_greedy_continuation():
         (["--prompt", ""], "prompt is empty"),
         (["--temperature", "-1"], "-1"),
         (["--top-p", "1.5"], "1.5"),
-        (["--max-tokens", "0"], "max_tokens must be >= 1, got 0"),
+        (["--max-tokens", "0"], "max_tokens must be >= 1 or None, got 0"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line_naming_it(args, named):

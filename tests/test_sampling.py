@@ -148,10 +148,14 @@ def test_defaults_are_vllms():
     [("n", 0), ("n", -3), ("n", 1.5), ("presence_penalty", 3.0), ("presence_penalty", -2.5),
      ("presence_penalty", float("nan")), ("frequency_penalty", 2.01), ("frequency_penalty", -7),
      ("repetition_penalty", 0.0), ("repetition_penalty", -1.2), ("repetition_penalty", float("nan")),
-     ("temperature", "hot"), ("top_k", 2.5), ("max_tokens", None), ("min_tokens", -1), ("min_tokens", 1.5),
-     ("logprobs", -1), ("logprobs", 2.5), ("prompt_logprobs", -2), ("prompt_logprobs", "5"),
+     ("temperature", "hot"), ("top_k", 2.5), ("max_tokens", 0), ("min_tokens", -1), ("min_tokens", 1.5),
+     ("logprobs", -2), ("logprobs", 2.5), ("prompt_logprobs", -2), ("prompt_logprobs", "5"),
      ("stop", [""]), ("stop", ["end", ""]), ("stop", ""), ("stop", 5), ("stop", ["ok", 7]),
-     ("stop_token_ids", [-1]), ("stop_token_ids", [3, "4"]), ("stop_token_ids", "12")],
+     ("stop_token_ids", [-1]), ("stop_token_ids", [3, "4"]), ("stop_token_ids", "12"),
+     # bools where numbers are meant, non-finite numbers, out-of-range seeds, too many completions
+     ("n", True), ("max_tokens", True), ("top_k", False), ("seed", True), ("logprobs", True), ("temperature", True),
+     ("stop_token_ids", [True]), ("temperature", float("inf")), ("repetition_penalty", float("inf")),
+     ("top_p", float("nan")), ("min_p", float("-inf")), ("seed", 2**64), ("seed", -2), ("n", 1025)],
 )
 def test_every_field_is_validated_with_its_name_and_value(field, value):
     with pytest.raises(ValueError) as info:
@@ -164,7 +168,9 @@ def test_every_field_is_validated_with_its_name_and_value(field, value):
     "kwargs, message",
     [({"presence_penalty": 3.0}, "presence_penalty must be in [-2, 2], got 3.0"),
      ({"min_tokens": 5, "max_tokens": 2}, "min_tokens must be <= max_tokens, got min_tokens=5, max_tokens=2"),
-     ({"n": 0}, "n must be >= 1, got 0"),
+     ({"n": 0}, "n must be in [1, 1024], got 0"),
+     ({"n": 2, "seed": 2**64 - 1}, "seed must be None, -1 or in [0, 2**64 - n] (here n=2), got 18446744073709551615"),
+     ({"temperature": float("inf")}, "temperature must be a finite number, got inf"),
      ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0, got 0.0")],
 )
 def test_error_messages_read_well(kwargs, message):

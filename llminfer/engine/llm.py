@@ -2,21 +2,43 @@
 
 Swapping `from llminfer import LLM, SamplingParams` for `from vllm import LLM, SamplingParams` runs
 the same script on vLLM (for the arguments both accept).
+
+`generate` may be called from several threads at once: their requests share the engine's steps (a
+lock keeps one step at a time) and each call gets back exactly its own outputs. Whatever ends a call
+early, an exception or Ctrl-C, aborts every request that call submitted, so nothing is left running.
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
-from llminfer.models.loader import load_model
-from llminfer.models.registry import default_model_name
+from llminfer.models.loader import load_checkpoint, load_tokenizer
+from llminfer.models.registry import default_model_name, resolve_model_path
 from llminfer.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16}
+
+# Engine arguments vLLM scripts pass that llminfer does not implement, and what they mean there.
+VLLM_ONLY = {
+    "pipeline_parallel_size": "splits the layers over several GPUs",
+    "data_parallel_size": "runs several copies of the model",
+    "quantization": "loads quantized weights",
+    "kv_cache_dtype": "stores the KV cache in a smaller dtype",
+    "speculative_config": "drafts tokens to verify several per step",
+    "cpu_offload_gb": "keeps part of the weights in host memory",
+    "swap_space": "swaps preempted requests' KV blocks to host memory (vLLM V0)",
+    "tokenizer_mode": "chooses the slow, fast or Mistral tokenizer",
+    "revision": "picks a revision of the Hub checkpoint",
+    "enable_lora": "serves LoRA adapters",
+}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
@@ -28,53 +50,124 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def check_vllm_arguments(tensor_parallel_size: int, enforce_eager: bool, trust_remote_code: bool,
+                         others: dict) -> None:
+    """Accept what llminfer honours; refuse the rest with what the argument means in vLLM."""
+    if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be a positive int, got {tensor_parallel_size!r}")
+    if tensor_parallel_size > 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} splits each layer over that many GPUs in "
+                         "vLLM; llminfer runs the model on one device")
+    for name, value in (("enforce_eager", enforce_eager), ("trust_remote_code", trust_remote_code)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    for name in others:
+        if name in VLLM_ONLY:
+            raise ValueError(f"{name}: in vLLM this argument {VLLM_ONLY[name]}; llminfer does not implement it")
+        raise TypeError(f"LLM() got an unexpected keyword argument {name!r}")
+
+
 class LLM:
     def __init__(self, model: str | None = None, dtype: str | torch.dtype = "auto",
-                 device: str | torch.device | None = None, seed: int = 0, block_size: int = 16,
+                 device: str | torch.device | None = None, seed: int | None = 0, block_size: int = 16,
                  num_kv_blocks: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True):
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = False, trust_remote_code: bool = False,
+                 cpu_threads: int | None = None, **kwargs):
+        """vLLM's arguments, where they mean the same. `tokenizer` loads the tokenizer from another path or
+        Hub id; `skip_tokenizer_init=True` loads none (prompts are then token ids and outputs carry no
+        text). `enforce_eager` (no CUDA graphs) is what llminfer always does; `trust_remote_code` changes
+        nothing, because llminfer never runs code that comes with a checkpoint. `cpu_threads` fixes the
+        CPU thread count; by default the engine measures which is fastest (`llminfer.engine.threads`)."""
+        check_vllm_arguments(tensor_parallel_size, enforce_eager, trust_remote_code, kwargs)
+        if not isinstance(skip_tokenizer_init, bool):
+            raise ValueError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         self.model_name = model or default_model_name()
-        self.model, self.tokenizer = load_model(self.model_name, device=device, dtype=parse_dtype(dtype))
+        path = resolve_model_path(self.model_name)
+        self.model = load_checkpoint(path, device, parse_dtype(dtype))
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(
+            resolve_model_path(tokenizer) if tokenizer else path)
         self.llm_engine = LLMEngine(
             self.model, self.tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, seed=seed)
+            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_threads=cpu_threads)
+        self._lock = threading.Lock()            # one engine step (or submission) at a time
+        self._owned: set[str] = set()            # ids submitted by generate() calls still waiting for them
+        self._done: dict[str, RequestOutput] = {}  # finished outputs, until their call picks them up
 
     def get_tokenizer(self):
         return self.tokenizer
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes, so that a repeat of the same prompts computes them again."""
-        return self.llm_engine.reset_prefix_cache()
+        with self._lock:
+            return self.llm_engine.reset_prefix_cache()
+
+    def chat(self, *args, **kwargs):
+        raise NotImplementedError("LLM.chat needs the model's chat template, which comes with llminfer's serving "
+                                  "work; until then format the conversation yourself and call generate()")
 
     def generate(self, prompts: str | dict | list[str | dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in the order of the prompts."""
+                 use_tqdm: bool | Callable[..., tqdm] = True) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts.
+
+        `use_tqdm` may be a tqdm-like callable, as in vLLM. A malformed batch submits nothing."""
+        prompts, sampling_params = self._check_batch(prompts, sampling_params)
+        engine, ids, done, bar = self.llm_engine, [], {}, None
+        try:
+            with self._lock:
+                for i, (prompt, params) in enumerate(zip(prompts, sampling_params, strict=True)):
+                    try:
+                        ids.append(engine.add_request(None, prompt, params))
+                    except ValueError as exc:
+                        raise ValueError(f"prompts[{i}]: {exc}") from exc
+                    self._owned.add(ids[-1])
+            if use_tqdm:
+                bar = (use_tqdm if callable(use_tqdm) else tqdm)(total=len(ids), desc="Processed prompts",
+                                                                  dynamic_ncols=True)
+            while len(done) < len(ids):
+                with self._lock:
+                    for request_id in ids:
+                        if request_id not in done and request_id in self._done:
+                            done[request_id] = self._done.pop(request_id)
+                            self._owned.discard(request_id)
+                            if bar is not None:
+                                bar.update(1)
+                    if len(done) < len(ids):
+                        self._collect(engine.step())
+            return [done[i] for i in ids]
+        finally:  # normal return, an error or Ctrl-C: whatever this call submitted and did not collect ends now
+            if bar is not None:
+                bar.close()
+            with self._lock:
+                for request_id in ids:
+                    if request_id in self._owned:
+                        engine.abort(request_id)
+                        self._owned.discard(request_id)
+                        self._done.pop(request_id, None)
+
+    def _collect(self, outputs: list[RequestOutput]) -> None:
+        """Keep the finished outputs that some generate() call is waiting for (this one or another)."""
+        for output in outputs:
+            if output.finished and output.request_id in self._owned:
+                self._done[output.request_id] = output
+
+    @staticmethod
+    def _check_batch(prompts, sampling_params) -> tuple[list, list[SamplingParams]]:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a str, a dict, or a list of them, got {type(prompts).__name__}")
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        if not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != len(prompts):
+            count = len(sampling_params) if isinstance(sampling_params, (list, tuple)) else type(sampling_params)
+            raise ValueError(f"got {count} sampling params for {len(prompts)} prompts")
         for i, params in enumerate(sampling_params):
             if not isinstance(params, SamplingParams):
                 raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
-        engine, ids = self.llm_engine, []
-        try:
-            for prompt, params in zip(prompts, sampling_params, strict=True):
-                ids.append(engine.add_request(None, prompt, params))
-        except ValueError as exc:  # a malformed prompt: submit all or nothing
-            for request_id in ids:
-                engine.abort(request_id)
-            raise ValueError(f"prompts[{len(ids)}]: {exc}") from exc
-        wanted, done = set(ids), {}
-        with tqdm(total=len(ids), desc="Generating", disable=not use_tqdm) as bar:
-            while len(done) < len(ids):
-                for output in engine.step():
-                    if output.finished and output.request_id in wanted:
-                        done[output.request_id] = output
-                        bar.update(1)
-        return [done[i] for i in ids]
+        return list(prompts), list(sampling_params)

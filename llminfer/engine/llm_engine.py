@@ -4,6 +4,10 @@ once, appends one token to each request that finished computing, and reports wha
 It owns the paged KV cache and its block pool, the scheduler and the model runner, and records
 a trace of every step (who ran, how many tokens, blocks in use, preemptions, prefix hits) for
 the chapters to draw.
+
+One request never harms another: parameters are checked again at submission (on a private copy),
+and whatever goes wrong with one request's sampling, stop check or text ends that request with
+`finish_reason="error"` and the reason, gives its blocks back, and leaves the rest of the step alone.
 """
 
 from __future__ import annotations
@@ -15,14 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
+from llminfer.engine.interrupts import deferred_interrupt
 from llminfer.engine.model_runner import ModelRunner
 from llminfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llminfer.engine.scheduler import Scheduler
 from llminfer.engine.sequence import Sequence
-from llminfer.generate import check_prompt, stop_token_ids
+from llminfer.engine.threads import ThreadTuner, step_work, use_threads
+from llminfer.generate import check_prompt, encode_prompt, stop_token_ids
 from llminfer.kv.block_pool import BlockPool
 from llminfer.kv.paged import PagedKVCache, kv_bytes_per_block, num_blocks_for, profile_free_memory
-from llminfer.sampling import SamplingParams, find_stop, make_generator, top_logprobs
+from llminfer.sampling import MAX_SEED, Logprob, SamplingParams, find_stop, make_generator, top_logprobs
 
 CPU_KV_CACHE_BYTES = 2**30  # default pool on CPU: 1 GiB at most (on CUDA the pool is sized by profiling)
 
@@ -41,14 +47,20 @@ class StepRecord:
     num_used_blocks: int
     num_waiting: int
     num_running: int
+    threads: int | None = None   # CPU threads the model ran on (None on a GPU)
 
 
 class LLMEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
-                 enable_prefix_caching: bool = True, seed: int = 0, scheduler_cls: type[Scheduler] = Scheduler):
-        """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does."""
+                 enable_prefix_caching: bool = True, seed: int | None = 0, scheduler_cls: type[Scheduler] = Scheduler,
+                 cpu_threads: int | None = None):
+        """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does.
+        `seed` seeds the draws of requests without a seed of their own (None: a random seed). On a CPU,
+        `cpu_threads` fixes torch's thread count for the steps; None lets the engine measure which count
+        is fastest under the machine's current load (`llminfer.engine.threads`), using at most the count
+        torch has when the engine is built."""
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -56,6 +68,11 @@ class LLMEngine:
                             ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", self.max_model_len)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or isinstance(cpu_threads, bool)
+                                        or cpu_threads < 1):
+            raise ValueError(f"cpu_threads must be None or a positive int, got {cpu_threads!r}")
         if self.max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of "
                              f"{config.max_position_embeddings} tokens")
@@ -71,8 +88,15 @@ class LLMEngine:
         self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, dtype)
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = scheduler_cls(self.pool, max_num_seqs, max_num_batched_tokens)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
         self.runner = ModelRunner(model, self.kv_cache, self.generator)
+        on_cpu = self.device.type == "cpu"
+        self.cpu_threads = cpu_threads if on_cpu else None
+        self.thread_tuner = ThreadTuner(torch.get_num_threads()) if on_cpu and cpu_threads is None else None
         self.requests: dict[str, Sequence] = {}   # every unfinished sequence, by id
         # Parallel sampling (n > 1): a request runs as n sequences, reported together under the request's id.
         self._samples: dict[str, list[Sequence]] = {}   # request id -> its n sequences, until all finish
@@ -112,6 +136,13 @@ class LLMEngine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params = params.clone()   # a private copy: changing the caller's object later changes nothing here
+        params.validate()
+        params.check_vocabulary(self.model.config.vocab_size)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this engine has none (skip_tokenizer_init)")
+        if request_id is not None and not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str or None, got {type(request_id).__name__}")
         request_id = str(next(self._ids)) if request_id is None else request_id
         text, token_ids = self._tokenize(prompt)
         if params.n == 1:
@@ -157,10 +188,14 @@ class LLMEngine:
 
     def _tokenize(self, prompt: str | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, (self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else [])
+            if self.tokenizer is None:
+                raise ValueError("cannot pass text prompts when the engine has no tokenizer (skip_tokenizer_init): "
+                                 "pass {'prompt_token_ids': [...]}")
+            return prompt, encode_prompt(self.tokenizer, prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                              for t in ids):
                 raise ValueError(f"prompt_token_ids must be a list of ints, got {ids!r:.80}")
             return prompt.get("prompt"), list(ids)
         if isinstance(prompt, dict) and "prompt" in prompt:
@@ -169,13 +204,16 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request (all n sequences of one with n > 1) now and give its blocks back; unknown or
-        finished ids are ignored."""
-        samples = self._samples.pop(request_id, [])
-        for seq in samples:
-            del self._request_of[seq.request_id]
-        for seq in samples or [self.requests.get(request_id)]:
-            if seq is not None and self.requests.pop(seq.request_id, None) is not None:
+        finished ids are ignored. A request that failed at submission is dropped before it is reported."""
+        seqs = self._samples.pop(request_id, None)
+        if seqs is None:
+            seqs = [s for s in [self.requests.get(request_id), *self._failed] if s is not None
+                    and s.request_id == request_id]
+        for seq in seqs:
+            self._request_of.pop(seq.request_id, None)
+            if self.requests.pop(seq.request_id, None) is not None:
                 self.scheduler.finish(seq, "abort")
+        self._failed = [s for s in self._failed if s not in seqs]
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached prefixes (vLLM's name); False, changing nothing, while requests hold blocks."""
@@ -187,7 +225,14 @@ class LLMEngine:
     # --- one step ------------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return an output for every request that gained a token or ended."""
+        """Schedule, run the model once, and return an output for every request that gained a token or ended.
+
+        Ctrl-C during a step is held until the step is complete (`deferred_interrupt`), so an interrupted
+        caller finds the engine consistent and can abort its requests."""
+        with deferred_interrupt():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         changed = [(seq, []) for seq in self._failed]
         self._failed.clear()
         start = time.perf_counter()
@@ -198,33 +243,72 @@ class LLMEngine:
                                    "default scheduler this means the KV pool cannot hold the oldest request; a "
                                    "policy that holds requests back should not call step() until it has work")
             return self._outputs(changed)
-        result = self.runner.execute(plan.scheduled)
+        threads = self.thread_tuner.threads_for_step() if self.thread_tuner is not None else self.cpu_threads
+        caller_threads = torch.get_num_threads()   # the step borrows the thread count and gives it back
+        run_start = time.perf_counter()
+        try:
+            if threads is not None:
+                use_threads(threads)
+            result, failure = self.runner.execute(plan.scheduled), None
+        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: its requests fail, the engine lives
+            result, failure = None, f"the model step failed: {type(exc).__name__}: {exc}"
+        finally:
+            use_threads(caller_threads)
+        if self.thread_tuner is not None and result is not None:
+            work = step_work([(n, seq.num_computed_tokens + n) for seq, n in plan.scheduled], self.model.config)
+            self.thread_tuner.record(threads, time.perf_counter() - run_start, work, len(self.trace))
         now = time.perf_counter()
         finished = []
         for seq, n in plan.scheduled:
-            seq.num_computed_tokens += n
-            self.pool.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
-            if seq in result.prompt_logits:
-                self._add_prompt_logprobs(seq, *result.prompt_logits[seq])
-            token = result.sampled.get(seq)
-            if token is None:  # a chunk of a prompt: nothing to sample yet
-                continue
-            seq.token_ids.append(token)
-            if seq.logprobs is not None:
-                seq.logprobs.append(result.logprobs[seq])
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            self._check_stop(seq, token)
+            token = None
+            reason = failure or (result.errors.get(seq) if result is not None else None)
+            try:
+                if reason is None:
+                    token = self._advance(seq, n, result, now)
+            except Exception as exc:  # noqa: BLE001 - whatever it was, it ends this request only
+                reason = f"{type(exc).__name__}: {exc}"
+            if reason is not None:
+                self._fail(seq, reason)
             if seq.is_finished:
                 finished.append(seq.request_id)
-            changed.append((seq, [token]))
+            if token is not None or seq.is_finished:
+                changed.append((seq, [] if token is None else [token]))
         self.trace.append(StepRecord(
             step=len(self.trace), start=start - self.start_time, duration=time.perf_counter() - start,
             scheduled={seq.request_id: n for seq, n in plan.scheduled}, prefix_hits=plan.prefix_hits,
             preempted=[seq.request_id for seq in plan.preempted], finished=finished,
             num_used_blocks=self.pool.num_used_blocks, num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running)))
+            num_running=len(self.scheduler.running), threads=threads))
         return self._outputs(changed)
+
+    def _advance(self, seq: Sequence, n: int, result, now: float) -> int | None:
+        """Count a request's n computed tokens; append its sampled token, if any, and check whether it stops."""
+        seq.num_computed_tokens += n
+        self.pool.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
+        if seq in result.prompt_logits:
+            self._add_prompt_logprobs(seq, *result.prompt_logits[seq])
+        token = result.sampled.get(seq)
+        if token is None:  # a chunk of a prompt: nothing to sample yet
+            return None
+        seq.token_ids.append(token)
+        if seq.logprobs is not None:
+            seq.logprobs.append(self._with_text(seq, result.logprobs[seq]))
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        self._check_stop(seq, token)
+        return token
+
+    def _fail(self, seq: Sequence, reason: str) -> None:
+        if not seq.is_finished:
+            seq.error = reason
+            self._finish(seq, "error")
+
+    def _with_text(self, seq: Sequence, entries: dict[int, Logprob]) -> dict[int, Logprob]:
+        """Fill each logprob entry's `decoded_token`, as vLLM does, when the request wants text."""
+        if self.tokenizer is not None and seq.params.detokenize:
+            for entry, text in zip(entries.values(), self.tokenizer.batch_decode([[i] for i in entries]), strict=True):
+                entry.decoded_token = text
+        return entries
 
     def _add_prompt_logprobs(self, seq: Sequence, start: int, logits: torch.Tensor) -> None:
         # Row j predicts the token at position start + j + 1; keep those still inside the prompt and not yet
@@ -234,14 +318,14 @@ class LLMEngine:
             if position >= seq.num_prompt_tokens:
                 break
             if position == len(seq.prompt_logprobs):
-                seq.prompt_logprobs.append(
-                    top_logprobs(logits[j], seq.prompt_token_ids[position], seq.params.prompt_logprobs))
+                seq.prompt_logprobs.append(self._with_text(
+                    seq, top_logprobs(logits[j], seq.prompt_token_ids[position], seq.params.prompt_logprobs)))
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         """The same rules, in the same order, as Part I's `generate`."""
         params, output = seq.params, seq.output_token_ids
-        if token in seq.stop_ids:
-            seq.text = self._detokenize(seq, output[:-1])
+        if token in seq.stop_ids:  # the stop token's text is left out unless asked for, as in vLLM
+            seq.text = self._detokenize(seq, output if params.include_stop_str_in_output else output[:-1])
             self._finish(seq, "stop", token if token in params.stop_token_ids else None)
             return
         if params.stop and len(output) >= params.min_tokens:
@@ -250,12 +334,12 @@ class LLMEngine:
                 seq.text = text
                 self._finish(seq, "stop", found)
                 return
-        if len(output) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        if (params.max_tokens is not None and len(output) >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
             seq.text = self._detokenize(seq, output)
             self._finish(seq, "length")
 
     def _detokenize(self, seq: Sequence, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids) if seq.params.detokenize else ""
+        return self.tokenizer.decode(token_ids) if seq.params.detokenize and self.tokenizer is not None else ""
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         self.scheduler.finish(seq, reason, stop_reason)
@@ -292,5 +376,6 @@ class LLMEngine:
         metrics = RequestMetrics(first.arrival_time, earliest([s.first_scheduled_time for s in seqs]),
                                  earliest([s.first_token_time for s in seqs]),
                                  max(s.finished_time for s in seqs) if finished else None)
+        error = next((seq.error for seq in seqs if seq.error is not None), None)
         return RequestOutput(request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs, completions,
-                             finished, new_token_ids, first.num_cached_tokens, metrics, first.error)
+                             finished, new_token_ids, first.num_cached_tokens, metrics, error)

@@ -25,6 +25,7 @@ class ModelOutput:
     logprobs: dict[Sequence, dict[int, Logprob]] = field(default_factory=dict)
     # Per request: the position of its first computed token and the logits of every computed token.
     prompt_logits: dict[Sequence, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    errors: dict[Sequence, str] = field(default_factory=dict)  # requests whose sampling failed, and why
 
 
 def is_plain_greedy(seq: Sequence) -> bool:
@@ -75,8 +76,12 @@ class ModelRunner:
             tokens = logits[[row for _, row in plain]].argmax(dim=-1).tolist()
             out.sampled.update((seq, token) for (seq, _), token in zip(plain, tokens, strict=True))
         for seq, row in samplers:
-            if seq not in out.sampled:
-                out.sampled[seq] = next_token(logits[row], seq.params, seq.generator or self.generator,
-                                              seq.prompt_token_ids, seq.output_token_ids, self.eos_ids)
-            if seq.params.logprobs is not None:
-                out.logprobs[seq] = top_logprobs(logits[row], out.sampled[seq], seq.params.logprobs)
+            try:  # one request's sampling going wrong must not cost the others their tokens
+                if seq not in out.sampled:
+                    out.sampled[seq] = next_token(logits[row], seq.params, seq.generator or self.generator,
+                                                  seq.prompt_token_ids, seq.output_token_ids, self.eos_ids)
+                if seq.params.logprobs is not None:
+                    out.logprobs[seq] = top_logprobs(logits[row], out.sampled[seq], seq.params.logprobs)
+            except Exception as exc:  # noqa: BLE001
+                out.sampled.pop(seq, None)
+                out.errors[seq] = f"sampling failed: {type(exc).__name__}: {exc}"

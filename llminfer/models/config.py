@@ -45,24 +45,27 @@ class ModelConfig:
                 f"unsupported architecture {architecture!r}; llminfer supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         rope = read_rope_parameters(hf)
+        rope_theta = read_positive(rope, "rope_theta", integer=False)
+        rope.pop("rope_theta")   # what is left describes the scaling
+        context = read_positive(hf, "max_position_embeddings")
         window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-        if window is not None and window < hf["max_position_embeddings"]:
+        if window is not None and window < context:
             raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")
         eos = hf.get("eos_token_id")
-        num_heads = hf["num_attention_heads"]
+        hidden_size, num_heads = read_positive(hf, "hidden_size"), read_positive(hf, "num_attention_heads")
         bias = hf.get("attention_bias", False)
         return cls(
             architecture=architecture,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=read_positive(hf, "vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=read_positive(hf, "intermediate_size"),
+            num_layers=read_positive(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.pop("rope_theta")),
-            max_position_embeddings=hf["max_position_embeddings"],
+            num_kv_heads=read_positive(hf, "num_key_value_heads", default=num_heads),
+            head_dim=read_positive(hf, "head_dim", default=hidden_size // num_heads),
+            rms_norm_eps=read_positive(hf, "rms_norm_eps", 1e-6, integer=False),
+            rope_theta=rope_theta,
+            max_position_embeddings=context,
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
@@ -74,7 +77,38 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
-        return cls.from_hf(json.loads((Path(path) / "config.json").read_text()))
+        """Read `config.json` in the model directory `path`; every error names the file."""
+        file = Path(path) / "config.json"
+        hf = read_json_object(file)
+        try:
+            return cls.from_hf(hf)
+        except ValueError as exc:
+            raise ValueError(f"{file}: {exc}") from exc
+
+
+def read_json_object(file: Path) -> dict:
+    """The JSON object stored in `file`; a ValueError naming the file if it holds none."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:   # invalid JSON or invalid UTF-8
+        raise ValueError(f"{file} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{file} should hold a JSON object {{...}}, it holds a {type(value).__name__}")
+    return value
+
+
+def read_positive(hf: dict, key: str, default: float | None = None, integer: bool = True) -> float:
+    """`hf[key]`, which must be a positive int (any positive number if not `integer`); `default` when the
+    key is absent or null, if one is given."""
+    value = hf.get(key)
+    if value is None and default is not None:
+        return default
+    if key not in hf:
+        raise ValueError(f"required key {key!r} is missing")
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        raise ValueError(f"{key} must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    return value if integer else float(value)
 
 
 def read_rope_parameters(hf: dict) -> dict:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from llminfer.device import default_device, default_dtype
-from llminfer.models.config import ModelConfig
+from llminfer.device import default_device, default_dtype, parse_device
+from llminfer.models.config import ModelConfig, read_json_object
 from llminfer.models.llama import Llama
 from llminfer.models.registry import resolve_model_path
 
@@ -18,14 +18,22 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object naming the shard of each weight")
+        shards = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         shards = ["model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
-        tensors.update(load_file(path / shard))
+        if not (path / shard).is_file():
+            raise FileNotFoundError(f"{path / shard} is missing: {index.name} lists it as a shard")
+        try:
+            tensors.update(load_file(path / shard))
+        except SafetensorError as exc:   # truncated or corrupted: its header does not describe the file
+            raise ValueError(f"{path / shard} is not a valid safetensors file ({exc})") from exc
     return tensors
 
 
@@ -53,14 +61,18 @@ def load_checkpoint(
 ) -> Llama:
     """Build the model a local Hugging Face-format directory describes and load its weights."""
     path = Path(path)
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device) if device is not None else default_device()
     config = ModelConfig.from_pretrained(path)
     with torch.device("meta"):  # no memory is spent on initial weights that are overwritten anyway
         model = Llama(config)
     model = model.to_empty(device=device).to(dtype or default_dtype(device))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    load_weights(model, load_state_dict(path))
+    tensors = load_state_dict(path)
+    try:
+        load_weights(model, tensors)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     return model.eval()
 
 
@@ -70,7 +82,18 @@ def load_model(
     dtype: torch.dtype | None = None,
 ):
     """Return `(model, tokenizer)` for a shipped name, a local directory or a Hub id."""
+    path = resolve_model_path(name_or_path)
+    return load_checkpoint(path, device, dtype), load_tokenizer(path)
+
+
+def load_tokenizer(path: Path):
+    """The Hugging Face tokenizer stored in the model directory `path`."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
-    return load_checkpoint(path, device, dtype), AutoTokenizer.from_pretrained(path)
+    # A malformed file surfaces as whatever its parser raises (JSONDecodeError, KeyError, UnicodeDecodeError,
+    # or the tokenizers library's plain Exception), so any of them means "this directory's tokenizer is broken".
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())   # on one line
+        raise ValueError(f"cannot load the tokenizer in {path}: {type(exc).__name__}: {detail}") from exc

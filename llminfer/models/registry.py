@@ -34,6 +34,10 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {name!r} has no config.json")
         return path
+    if path.is_file():
+        raise ValueError(f"model {name!r} is a file: give the directory that holds its config.json and weights")
+    if path.is_absolute() or name.startswith((".", "~")):   # a local path (a Hub id starts with neither)
+        raise FileNotFoundError(f"model directory {name!r} does not exist")
     if _HUB_ID.match(name):
         from huggingface_hub import snapshot_download
 
