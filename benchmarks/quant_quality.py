@@ -1,0 +1,44 @@
+"""Benchmark: what each quantization method costs in quality on the shipped model, and what it saves in bytes.
+
+    python benchmarks/quant_quality.py --json benchmarks/results/cpu/quant_quality.json
+    python benchmarks/quant_quality.py --max-chars 2000 --calibration-tokens 512   # a quick check
+
+Every method quantizes a copy of the same float model with the same calibration windows (training split) and
+is scored in nats per character on the held-out tenth of tiny Shakespeare (`llminfer.quant.evaluate`).
+"""
+
+import argparse
+
+import torch
+
+from llminfer.bench.record import save_result
+from llminfer.quant.evaluate import evaluate_methods
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-shakespeare")
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--max-chars", type=int, default=None, help="score only this many held-out characters")
+    parser.add_argument("--json", default=None, help="where to write the result")
+    args = parser.parse_args()
+    rows = evaluate_methods(model_name=args.model, calibration_tokens=args.calibration_tokens,
+                            max_chars=args.max_chars)
+    float_nats = rows[0]["nats_per_char"]
+    print(f"{'method':<28} {'nats/char':>10} {'vs float':>9} {'linear KiB':>11} {'model KiB':>10} {'quantize s':>11}")
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row.items()
+                            if k not in ("method", "nats_per_char", "decoder_linear_bytes", "model_bytes",
+                                         "quantize_s"))
+        label = f"{row['method']} {options}".strip()
+        print(f"{label:<28} {row['nats_per_char']:>10.4f} {row['nats_per_char'] - float_nats:>+9.4f} "
+              f"{row['decoder_linear_bytes'] / 1024:>11.0f} {row['model_bytes'] / 1024:>10.0f} "
+              f"{row['quantize_s']:>11.1f}")
+    if args.json:
+        save_result("quant_quality", {"model": args.model, "calibration_tokens": args.calibration_tokens,
+                                      "max_chars": args.max_chars, "rows": rows}, args.json)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

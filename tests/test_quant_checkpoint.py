@@ -1,0 +1,144 @@
+"""GPTQ checkpoints: save and load give back the same layers; the saved tensors decode, by GPTQ's documented
+packing written out here with numpy bit operations (and by compressed-tensors' unpacker, as vLLM uses it), to
+the weights the model computes with; a config that contradicts its tensors is refused, naming the mismatch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from llminfer.models.loader import load_model
+from llminfer.quant import load_gptq, quantize_model, save_gptq
+from llminfer.quant.checkpoint import pack_int32, unpack_int32
+from llminfer.quant.quantize import decoder_linears
+
+BASE = "llama-tiny-random"   # hidden 64, intermediate 128, 2 layers, grouped-query attention
+
+
+def gptq_model(act_order: bool = False, symmetric: bool = True):
+    model, _ = load_model(BASE, device="cpu")
+    calibration = torch.randint(0, 2048, (4, 64), generator=torch.Generator().manual_seed(0))
+    return quantize_model(model, "gptq", calibration, group_size=32, symmetric=symmetric, act_order=act_order)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An act-order, asymmetric GPTQ model and its checkpoint with fp32 scales."""
+    model = gptq_model(act_order=True, symmetric=False)
+    path = save_gptq(model, tmp_path_factory.mktemp("gptq"), BASE, scales_dtype=torch.float32)
+    return model, path
+
+
+def test_int32_packing_round_trips_and_puts_the_first_code_lowest():
+    codes = torch.randint(0, 16, (16, 24), dtype=torch.uint8)
+    for dim in (0, 1):
+        assert torch.equal(unpack_int32(pack_int32(codes, dim), dim), codes)
+    word = pack_int32(torch.tensor([[1], [2], [3], [4], [5], [6], [7], [15]], dtype=torch.uint8), dim=0)
+    assert word.dtype == torch.int32 and word.item() == np.int32(np.uint32(0xF7654321))
+
+
+def test_save_then_load_gives_the_same_layers_and_logits(saved):
+    model, path = saved
+    loaded, tokenizer = load_gptq(path, device="cpu")
+    for name, layer in decoder_linears(model).items():
+        expected, actual = layer.int4_weight(), loaded.get_submodule(name).int4_weight()
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(actual, field), getattr(expected, field)), f"{name}.{field}"
+    ids = torch.tensor([tokenizer.encode("ROMEO: what light")])
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_fp16_scales_are_the_only_rounding(tmp_path):
+    model = gptq_model()
+    loaded, _ = load_gptq(save_gptq(model, tmp_path, BASE), device="cpu")
+    for name, layer in decoder_linears(model).items():
+        expected, actual = layer.int4_weight(), loaded.get_submodule(name).int4_weight()
+        assert torch.equal(actual.codes, expected.codes) and torch.equal(actual.zeros, expected.zeros)
+        assert torch.equal(actual.scales, expected.scales.half().float())
+        torch.testing.assert_close(actual.dequantize(), expected.dequantize(), rtol=2**-11, atol=1e-6)
+
+
+def test_config_describes_the_tensors(saved):
+    model, path = saved
+    config = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert config == {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": False,
+                      "checkpoint_format": "gptq"}
+    tensors = load_file(path / "model.safetensors")
+    assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (128 // 8, 64)
+    assert tensors["model.layers.0.mlp.down_proj.qzeros"].shape == (128 // 32, 64 // 8)
+    assert tensors["model.layers.0.mlp.down_proj.scales"].shape == (128 // 32, 64)
+    assert "lm_head.weight" in tensors and "model.embed_tokens.weight" in tensors
+
+
+def numpy_dequantize(tensors: dict, prefix: str) -> np.ndarray:
+    """GPTQ's layout decoded from its description: qweight [in/8, out] holds input rows 8r..8r+7 in bits 0-3,
+    4-7, ..., 28-31 of row r; qzeros [groups, out/8] likewise along the outputs, storing zero - 1; the weight
+    is (q - zero[g_idx]) * scale[g_idx]. Returns W^T [in, out]."""
+    qweight = tensors[f"{prefix}.qweight"].view(np.uint32)
+    qzeros = tensors[f"{prefix}.qzeros"].view(np.uint32)
+    scales, g_idx = tensors[f"{prefix}.scales"].astype(np.float64), tensors[f"{prefix}.g_idx"]
+    q = np.zeros((qweight.shape[0] * 8, qweight.shape[1]), dtype=np.int64)
+    zeros = np.zeros((qzeros.shape[0], qzeros.shape[1] * 8), dtype=np.int64)
+    for j in range(8):
+        q[j::8, :] = (qweight >> np.uint32(4 * j)) & np.uint32(0xF)
+        zeros[:, j::8] = ((qzeros >> np.uint32(4 * j)) & np.uint32(0xF)) + 1
+    return (q - zeros[g_idx, :]) * scales[g_idx, :]
+
+
+def test_saved_tensors_decode_independently_to_the_model_weights(saved):
+    model, path = saved
+    tensors = load_file(path / "model.safetensors")
+    for name, layer in decoder_linears(model).items():
+        decoded = numpy_dequantize(tensors, f"model.{name}")
+        np.testing.assert_allclose(decoded.T, layer.dequantize().double().numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_compressed_tensors_unpacks_the_same_codes(saved):
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    model, path = saved
+    tensors = load_file(path / "model.safetensors")
+    for name, layer in decoder_linears(model).items():
+        weight, prefix = layer.int4_weight(), f"model.{name}"
+        # compressed-tensors stores signed int4 (code - 8); GPTQ's qweight packs along dim 0, qzeros along dim 1
+        codes = helpers.unpack_from_int32(torch.from_numpy(tensors[f"{prefix}.qweight"]), 4,
+                                          torch.Size([layer.in_features, layer.out_features]), packed_dim=0)
+        assert torch.equal(codes.int() + 8, weight.codes.T.int()), name
+        groups = layer.in_features // 32
+        zeros = helpers.unpack_from_int32(torch.from_numpy(tensors[f"{prefix}.qzeros"]), 4,
+                                          torch.Size([groups, layer.out_features]), packed_dim=1)
+        assert torch.equal((zeros.int() + 8 + 1) % 16, weight.zeros.T.int()), name
+
+
+def rewrite_config(path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"bits": 8}, "bits=8"),
+    ({"quant_method": "awq"}, "quant_method 'gptq'"),
+    ({"group_size": 64}, r"q_proj.qzeros has shape \(2, 8\), but group_size 64 and the layer's 64 inputs x 64 "
+                         r"outputs need \(1, 8\)"),
+    ({"group_size": -1}, "group_size=-1"),
+    ({"sym": True}, "sym=true"),
+    ({"desc_act": False}, "desc_act=false"),
+    ({"desc_act": "yes"}, "desc_act.*bool"),
+])
+def test_a_config_that_contradicts_the_tensors_is_refused(saved, tmp_path, changes, message):
+    _, path = saved
+    for file in path.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    rewrite_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_gptq(tmp_path, device="cpu")
+
+
+def test_only_int4_models_can_be_saved(tmp_path):
+    model, _ = load_model(BASE, device="cpu")
+    with pytest.raises(ValueError, match="layers.0.self_attn.q_proj is Linear, not Int4Linear"):
+        save_gptq(model, tmp_path, BASE)
+    with pytest.raises(ValueError, match="is Int8Linear"):
+        save_gptq(quantize_model(model, "int8"), tmp_path, BASE)
