@@ -5,8 +5,8 @@
 Runs in one process, on the same requests: llminfer with its adaptive CPU thread policy (the default),
 llminfer with its threads fixed at torch's count (the policy before it), and transformers `generate()`;
 first on the quiet machine, then while `--busy-cores` processes each spin a core (`llminfer.bench.busy`).
-In each condition the three alternate `--repeats` times and the medians are recorded, with what each
-kept of its quiet throughput and llminfer's ratio to transformers. Writes `contention.json`.
+In each condition the three run `--repeats` times, in an order that rotates, and the medians are recorded,
+with what each kept of its quiet throughput and llminfer's ratio to transformers. Writes `contention.json`.
 """
 
 import argparse
@@ -40,15 +40,19 @@ def measure(engines: dict, hf, requests: list[Request], batch: int, pad: int, re
     for llm in engines.values():   # warm-up: first calls pay for allocation and kernel builds
         run_llminfer(llm, [Request(r.prompt_token_ids, 4) for r in requests[:4]])
     run_transformers(hf, [Request(r.prompt_token_ids, 4) for r in requests[:4]], batch, pad)
-    for _ in range(repeats):
-        for name, llm in engines.items():
-            llm.reset_prefix_cache()   # start cold: these prompts ran before
-            first = len(llm.llm_engine.trace)
-            elapsed, outputs[name] = run_llminfer(llm, requests)
+    names = [*engines, "transformers"]
+    for repeat in range(repeats):
+        # Rotate the order, so that no engine always runs first (after a long transformers run, say).
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            if name == "transformers":
+                elapsed, theirs = run_transformers(hf, requests, batch, pad)
+            else:
+                llm = engines[name]
+                llm.reset_prefix_cache()   # start cold: these prompts ran before
+                first = len(llm.llm_engine.trace)
+                elapsed, outputs[name] = run_llminfer(llm, requests)
+                threads[name] = collections.Counter(r.threads for r in llm.llm_engine.trace[first:])
             seconds[name].append(elapsed)
-            threads[name] = collections.Counter(r.threads for r in llm.llm_engine.trace[first:])
-        elapsed, theirs = run_transformers(hf, requests, batch, pad)
-        seconds["transformers"].append(elapsed)
     result = {}
     for name in engines:
         summary = summarize(requests, outputs[name], theirs, statistics.median(seconds[name]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from llminfer.grading.cli import add_grade_parser
@@ -19,10 +20,32 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise ValueError("prompt is empty: give at least one character with --prompt")
-    model, tokenizer = load_model(args.model, device=args.device)
-    result = generate(model, tokenizer, args.prompt, params)
-    print((args.prompt if args.echo else "") + result.text)
+    if args.speculative_config is not None or args.quantization is not None:   # both live in the engine
+        from llminfer.engine.llm import LLM
+
+        spec = None if args.speculative_config is None else _json_object(args.speculative_config,
+                                                                          "--speculative-config")
+        llm = LLM(args.model, device=args.device, speculative_config=spec, quantization=args.quantization)
+        text = llm.generate(args.prompt, params, use_tqdm=False)[0].outputs[0].text
+        stats = llm.llm_engine.spec_stats
+        if stats.num_verifications:
+            print(f"speculation: {stats.num_accepted} of {stats.num_drafted} drafted tokens accepted, "
+                  f"{stats.mean_accepted_length:.2f} tokens per step", file=sys.stderr)
+    else:
+        model, tokenizer = load_model(args.model, device=args.device)
+        text = generate(model, tokenizer, args.prompt, params).text
+    print((args.prompt if args.echo else "") + text)
     return 0
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{flag} is not valid JSON ({exc}): {text!r:.100}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} must be a JSON object {{...}}, got {text!r:.100}")
+    return value
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
@@ -48,6 +71,30 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_spec(args: argparse.Namespace) -> int:
+    from llminfer.bench.record import save_result
+    from llminfer.bench.spec import run
+
+    result = run(args.model, args.draft_model, batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
+                 ks=_ints(args.k, "--k"), ks_batched=_ints(args.k_batched, "--k-batched"),
+                 workloads=tuple(args.workloads.split(",")), proposers=tuple(args.proposers.split(",")),
+                 output_len=args.output_len, repeats=args.repeats)
+    if args.json:
+        save_result("spec", result, args.json)
+    return 0
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4), each at least 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} values must be at least 1, got {text!r}")
+    return values
+
+
 def _env(args: argparse.Namespace) -> int:
     from llminfer.environment import report
 
@@ -70,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="cpu, cuda, ... (default: a GPU if present)")
     gen.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
+    gen.add_argument("--speculative-config", default=None,
+                     help='vLLM\'s JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                          '\'{"model": "tiny-shakespeare-draft", "num_speculative_tokens": 3}\'')
+    gen.add_argument("--quantization", default=None,
+                     help="quantize the decoder's linear layers as the model loads: int8, int4, fp8, gptq, awq, w8a8")
     gen.set_defaults(run=_generate)
     bench = sub.add_parser("bench", help="benchmarks against a baseline").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput of llminfer.LLM vs transformers generate()")
@@ -86,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--busy-cores", type=int, default=0, help="keep this many cores busy while the engines run")
     tp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
     tp.set_defaults(run=_bench_throughput)
+    sp = bench.add_parser("spec", help="speculative decoding against plain decoding, beside the classic formula")
+    sp.add_argument("--model", default="tiny-shakespeare")
+    sp.add_argument("--draft-model", default="tiny-shakespeare-draft")
+    sp.add_argument("--batch-sizes", default="1,4,16,64")
+    sp.add_argument("--k", default="1,2,3,4,5,6,7,8", help="draft lengths at batch size 1")
+    sp.add_argument("--k-batched", default="1,2,4,8", help="draft lengths at the larger batch sizes")
+    sp.add_argument("--workloads", default="grounded,open")
+    sp.add_argument("--proposers", default="ngram,draft_model")
+    sp.add_argument("--output-len", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
+    sp.set_defaults(run=_bench_spec)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
     env.set_defaults(run=_env)
     add_grade_parser(sub)

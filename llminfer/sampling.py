@@ -250,11 +250,39 @@ def next_token(
     eos_token_ids: Sequence[int],
 ) -> int:
     """One request's next token from its logits [vocab]: penalties, the min_tokens mask, then greedy or a draw."""
+    logits = penalized_logits(logits, params, prompt_token_ids, output_token_ids, eos_token_ids)
+    return int(sample_next_token(logits, params, generator))
+
+
+def penalized_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int],
+) -> torch.Tensor:
+    """One request's logits [vocab] after the penalties and the min_tokens mask: what greedy takes the argmax
+    of, and what temperature and truncation start from. A row with every token excluded is refused."""
     logits = apply_penalties(logits.float(), prompt_token_ids, output_token_ids, params)
     logits = apply_min_tokens(logits, len(output_token_ids), params, eos_token_ids)
-    if params.greedy and bool((logits == float("-inf")).all()):
+    if bool((logits == float("-inf")).all()):
         raise ValueError("every token is excluded (min_tokens forbids all of the remaining ones)")
-    return int(sample_next_token(logits, params, generator))
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    prompt_token_ids: Sequence[int],
+    output_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int],
+) -> torch.Tensor:
+    """The distribution [vocab] that `next_token` draws from for a sampling request: penalties, the
+    min_tokens mask, temperature, top-k, top-p and min-p, then softmax. Speculative decoding's
+    verifier needs it whole, to compare it with the draft's."""
+    logits = process_logits(penalized_logits(logits, params, prompt_token_ids, output_token_ids, eos_token_ids),
+                            params)
+    return logits.softmax(dim=-1)
 
 
 def find_stop(text: str, stop: Sequence[str], include: bool) -> tuple[str, str | None]:

@@ -22,6 +22,26 @@ def test_generate_prints_the_greedy_continuation():
     assert len(expected.token_ids) == 64
 
 
+@pytest.mark.parametrize("spec", ['{"model": "tiny-shakespeare-draft", "num_speculative_tokens": 3}',
+                                  '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}'])
+def test_generate_with_speculation_prints_the_same_greedy_text(spec):
+    plain = run("generate", "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "0", "--device", "cpu")
+    fast = run("generate", "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "0", "--device", "cpu",
+               "--speculative-config", spec)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout and "drafted tokens accepted" in fast.stderr
+
+
+def test_generate_with_quantization_runs_the_quantized_model():
+    plain = run("generate", "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "0", "--device", "cpu")
+    int4 = run("generate", "--prompt", "ROMEO:", "--max-tokens", "40", "--temperature", "0", "--device", "cpu",
+               "--quantization", "int4")
+    assert int4.returncode == 0, int4.stderr
+    llm = llminfer.LLM("tiny-shakespeare", device="cpu", quantization="int4", cpu_threads=1)
+    expected = llm.generate("ROMEO:", llminfer.SamplingParams(temperature=0, max_tokens=40), use_tqdm=False)
+    assert int4.stdout == expected[0].outputs[0].text + "\n" != plain.stdout
+
+
 @pytest.mark.parametrize(
     "args, named",
     [
@@ -30,6 +50,11 @@ def test_generate_prints_the_greedy_continuation():
         (["--temperature", "-1"], "-1"),
         (["--top-p", "1.5"], "1.5"),
         (["--max-tokens", "0"], "max_tokens must be >= 1 or None, got 0"),
+        (["--speculative-config", '{"method": "ngram"'], "--speculative-config is not valid JSON"),
+        (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}'],
+         "num_speculative_tokens must be an int in [1, 16], got 0"),
+        (["--speculative-config", '[4]'], "--speculative-config must be a JSON object"),
+        (["--quantization", "int3"], "quantization must be None or one of"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line_naming_it(args, named):

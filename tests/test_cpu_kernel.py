@@ -26,7 +26,6 @@ from llminfer.kernels import (
 pytestmark = pytest.mark.skipif(not cpu.supports(torch.zeros(1, 1, 8), torch.zeros(1, 1, 1, 8)),
                                 reason=f"the CPU kernel cannot be built here: {cpu.unavailable_reason()}")
 
-cpu_rows = cpu.paged_attention_rows   # the real kernel, for the dispatch tests' counting wrapper
 SHAPES = {**{f"decode-{k}": ([n - 1 for n in v[0]], [1] * len(v[0]), *v[1:5]) for k, v in DECODE_CASES.items()},
           **{f"prefill-{k}": v[:6] for k, v in PREFILL_CASES.items()},
           "tiny-model": ([0, 15, 16, 100, 3], [40, 1, 1, 1, 20], 2, 4, 32, 16)}
@@ -69,8 +68,8 @@ def test_decode_dispatches_to_the_kernel_and_matches_the_reference(case, monkeyp
     lens, kv_heads, group, head_dim, block_size, _ = DECODE_CASES[case]
     batch = make_batch([n - 1 for n in lens], [1] * len(lens), kv_heads, group, head_dim, block_size, torch.float32)
     expected = paged_attention_decode_reference(*decode_args(batch))
-    calls = []
-    monkeypatch.setattr(cpu, "paged_attention_rows", lambda *a: calls.append(1) or cpu_rows(*a))
+    calls, attend = [], cpu.attend_rows
+    monkeypatch.setattr(cpu, "attend_rows", lambda *a: calls.append(1) or attend(*a))
     assert_close(paged_attention_decode(*decode_args(batch)), expected)
     assert calls == [1]
 
@@ -79,10 +78,25 @@ def test_decode_dispatches_to_the_kernel_and_matches_the_reference(case, monkeyp
 def test_prefill_dispatches_to_the_kernel_and_matches_the_reference(case, monkeypatch):
     batch = make_batch(*PREFILL_CASES[case][:6], torch.float32)
     expected = paged_attention_prefill_reference(*prefill_args(batch))
-    calls = []
-    monkeypatch.setattr(cpu, "paged_attention_rows", lambda *a: calls.append(1) or cpu_rows(*a))
+    calls, attend = [], cpu.attend_rows
+    monkeypatch.setattr(cpu, "attend_rows", lambda *a: calls.append(1) or attend(*a))
     assert_close(paged_attention_prefill(*prefill_args(batch)), expected)
     assert calls == [1]
+
+
+def test_a_steps_rows_are_prepared_once_for_all_layers(monkeypatch):
+    lens, kv_heads, group, head_dim, block_size, _ = DECODE_CASES[next(iter(DECODE_CASES))]
+    batch = make_batch([n - 1 for n in lens], [1] * len(lens), kv_heads, group, head_dim, block_size, torch.float32)
+    args = decode_args(batch)
+    prepared, prepare = [], cpu.prepare_rows
+    monkeypatch.setattr(cpu, "prepare_rows", lambda *a: prepared.append(1) or prepare(*a))
+    memo = {}   # a step's AttentionMetadata.memo: three layers of one step share it
+    for _ in range(3):
+        assert_close(paged_attention_decode(*args, memo=memo), paged_attention_decode_reference(*args))
+    assert prepared == [1]
+    paged_attention_decode(*args, memo={})   # the next step's metadata: prepared again
+    paged_attention_decode(*args)            # no memo (a direct call): prepared every time
+    assert prepared == [1, 1, 1]
 
 
 def test_fp16_and_bf16_keep_the_reference():

@@ -1,7 +1,7 @@
 """Property-based test of the offline API: random, often extreme, sampling parameters and prompts against
-one long-lived engine with a small KV pool. Whatever comes in, the instance survives, every request
-finishes or fails with a reason, every block comes back, and a fixed greedy request run beside the
-random ones always gives the same tokens.
+one long-lived engine with a small KV pool (and another that also drafts with a model). Whatever comes in,
+the instance survives, every request finishes or fails with a reason, every block comes back, and a fixed
+greedy request run beside the random ones always gives the same tokens.
 
 `make test` runs a bounded number of examples; `LLMINFER_FUZZ_EXAMPLES=5000 pytest tests/test_engine_fuzz.py`
 runs a long campaign.
@@ -71,10 +71,11 @@ prompts = st.one_of(
 )
 
 
-@pytest.fixture(scope="module")
-def fuzzed_llm():
+@pytest.fixture(scope="module", params=[None, {"model": "tiny-shakespeare-draft", "num_speculative_tokens": 3}],
+                ids=["plain", "speculative"])
+def fuzzed_llm(request):
     llm = LLM("tiny-shakespeare", num_kv_blocks=8, block_size=16, max_num_seqs=4, max_num_batched_tokens=64,
-              max_model_len=CONTEXT)
+              max_model_len=CONTEXT, speculative_config=request.param)
     anchor = llm.generate(ANCHOR_PROMPT, ANCHOR, use_tqdm=False)[0].outputs[0].token_ids
     return llm, anchor
 

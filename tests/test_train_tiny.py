@@ -25,3 +25,26 @@ def test_training_learns_deterministically_and_saves_hf_format(tmp_path):
     saved = json.loads((tmp_path / "a" / "training_summary.json").read_text())
     assert saved["val_nats_per_char"] == a["val_nats_per_char"]
     assert "nats per character" in (tmp_path / "a" / "README.md").read_text()
+
+
+def test_distillation_brings_a_student_closer_to_its_teacher(tmp_path):
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from llminfer.datasets import tinyshakespeare_text, train_val_split
+
+    train("teacher", tmp_path / "teacher", preset=TINY, log=lambda *_: None)
+    small = replace(TINY, hidden_size=16, intermediate_size=32, steps=20)
+    train("plain", tmp_path / "plain", preset=small, log=lambda *_: None)
+    train("student", tmp_path / "student", preset=replace(small, distill_from=str(tmp_path / "teacher"),
+                                                             distill_weight=1.0), log=lambda *_: None)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    ids = torch.tensor([tokenizer.encode(train_val_split(tinyshakespeare_text())[1][:400])[:64]])
+    load = lambda name: AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32).eval()  # noqa: E731
+    with torch.no_grad():
+        teacher = load("teacher")(ids).logits.log_softmax(-1)[0]
+        kl = {name: F.kl_div(load(name)(ids).logits.log_softmax(-1)[0], teacher, log_target=True,
+                             reduction="batchmean").item() for name in ("plain", "student")}
+    assert kl["student"] < kl["plain"], kl
+    assert "Distilled from" in (tmp_path / "student" / "README.md").read_text()

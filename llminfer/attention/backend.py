@@ -21,15 +21,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     scale = q.shape[-1] ** -0.5
     decodes, num_seqs = meta.num_decodes, meta.num_seqs
     if decodes == num_seqs:
-        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len)
+        return paged_attention_decode(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
+                                      memo=meta.memo)
     if decodes == 0:
         return paged_attention_prefill(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                       scale, meta.max_query_len, meta.max_seq_len)
+                                       scale, meta.max_query_len, meta.max_seq_len, memo=meta.memo)
     out = torch.empty_like(q)
     # The first `decodes` sequences own exactly the first `decodes` query rows.
     out[:decodes] = paged_attention_decode(q[:decodes], k_cache, v_cache, meta.block_tables[:decodes],
-                                           meta.seq_lens[:decodes], scale, meta.max_seq_len)
+                                           meta.seq_lens[:decodes], scale, meta.max_seq_len, memo=meta.memo)
     out[decodes:] = paged_attention_prefill(q[decodes:], k_cache, v_cache, meta.query_start_loc[decodes:] - decodes,
                                             meta.seq_lens[decodes:], meta.block_tables[decodes:], scale,
-                                            meta.max_query_len, meta.max_seq_len)
+                                            meta.max_query_len, meta.max_seq_len, memo=meta.memo)
     return out

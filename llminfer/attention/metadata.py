@@ -13,7 +13,7 @@ sequence with one new token, a prefill one with all its prompt tokens new.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +30,9 @@ class AttentionMetadata:
     num_decodes: int    # the first num_decodes sequences have exactly one new token (decode kernels take them)
     max_query_len: int  # most new tokens of any sequence
     max_seq_len: int    # longest context
+    # What kernels derive from the fields above (the CPU kernel's row arrays): computed by the first layer
+    # of the step that needs it and reused by the others. The fields never change after `build`.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:

@@ -21,6 +21,7 @@ from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
 from llminfer.models.loader import load_checkpoint, load_tokenizer
 from llminfer.models.registry import default_model_name, resolve_model_path
+from llminfer.quant.quantize import CALIBRATED, check_method, quantize_on_load
 from llminfer.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.float16, "half": torch.float16,
@@ -30,9 +31,7 @@ DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.flo
 VLLM_ONLY = {
     "pipeline_parallel_size": "splits the layers over several GPUs",
     "data_parallel_size": "runs several copies of the model",
-    "quantization": "loads quantized weights",
     "kv_cache_dtype": "stores the KV cache in a smaller dtype",
-    "speculative_config": "drafts tokens to verify several per step",
     "cpu_offload_gb": "keeps part of the weights in host memory",
     "swap_space": "swaps preempted requests' KV blocks to host memory (vLLM V0)",
     "tokenizer_mode": "chooses the slow, fast or Mistral tokenizer",
@@ -75,25 +74,40 @@ class LLM:
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False, trust_remote_code: bool = False,
-                 cpu_threads: int | None = None, **kwargs):
+                 cpu_threads: int | None = None, speculative_config: dict | None = None,
+                 quantization: str | None = None, **kwargs):
         """vLLM's arguments, where they mean the same. `tokenizer` loads the tokenizer from another path or
         Hub id; `skip_tokenizer_init=True` loads none (prompts are then token ids and outputs carry no
         text). `enforce_eager` (no CUDA graphs) is what llminfer always does; `trust_remote_code` changes
         nothing, because llminfer never runs code that comes with a checkpoint. `cpu_threads` fixes the
-        CPU thread count; by default the engine measures which is fastest (`llminfer.engine.threads`)."""
+        CPU thread count; by default the engine measures which is fastest (`llminfer.engine.threads`).
+        `speculative_config` is vLLM's: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min":
+        a, "prompt_lookup_max": b} or {"model": "tiny-shakespeare-draft", "num_speculative_tokens": k}.
+        `quantization` ("int8", "int4", "fp8", "gptq", "awq" or "w8a8") quantizes the decoder's linear layers
+        as the model loads (`llminfer.quant.quantize_on_load`); vLLM's "gptq" and "awq" instead read weights
+        quantized beforehand."""
         check_vllm_arguments(tensor_parallel_size, enforce_eager, trust_remote_code, kwargs)
         if not isinstance(skip_tokenizer_init, bool):
             raise ValueError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
+        if quantization is not None:
+            check_method(quantization)
         self.model_name = model or default_model_name()
         path = resolve_model_path(self.model_name)
         self.model = load_checkpoint(path, device, parse_dtype(dtype))
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(
             resolve_model_path(tokenizer) if tokenizer else path)
+        if quantization is not None:
+            calibration_tokenizer = self.tokenizer
+            if calibration_tokenizer is None and quantization in CALIBRATED:
+                calibration_tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)
+            quantize_on_load(self.model, quantization, calibration_tokenizer)
+        self.quantization = quantization
         self.llm_engine = LLMEngine(
             self.model, self.tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_threads=cpu_threads)
+            enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_threads=cpu_threads,
+            speculative_config=speculative_config)
         self._lock = threading.Lock()            # one engine step (or submission) at a time
         self._owned: set[str] = set()            # ids submitted by generate() calls still waiting for them
         self._done: dict[str, RequestOutput] = {}  # finished outputs, until their call picks them up

@@ -24,13 +24,12 @@ from llminfer.engine.model_runner import ModelRunner
 from llminfer.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from llminfer.engine.scheduler import Scheduler
 from llminfer.engine.sequence import Sequence
-from llminfer.engine.threads import ThreadTuner, step_work, use_threads
+from llminfer.engine.threads import ThreadTuner, borrowed_threads, step_work
 from llminfer.generate import check_prompt, encode_prompt, stop_token_ids
 from llminfer.kv.block_pool import BlockPool
-from llminfer.kv.paged import PagedKVCache, kv_bytes_per_block, num_blocks_for, profile_free_memory
+from llminfer.kv.paged import PagedKVCache, size_kv_pool
 from llminfer.sampling import MAX_SEED, Logprob, SamplingParams, find_stop, make_generator, top_logprobs
-
-CPU_KV_CACHE_BYTES = 2**30  # default pool on CPU: 1 GiB at most (on CUDA the pool is sized by profiling)
+from llminfer.spec import SpecStats, SpeculativeConfig, load_draft_model, make_proposer
 
 
 @dataclass
@@ -48,6 +47,8 @@ class StepRecord:
     num_waiting: int
     num_running: int
     threads: int | None = None   # CPU threads the model ran on (None on a GPU)
+    spec: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # request id -> (drafted, accepted)
+    draft_seconds: float = 0.0   # of `duration`, the time spent drafting for the next step
 
 
 class LLMEngine:
@@ -55,12 +56,12 @@ class LLMEngine:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int | None = 0, scheduler_cls: type[Scheduler] = Scheduler,
-                 cpu_threads: int | None = None):
+                 cpu_threads: int | None = None, speculative_config: dict | SpeculativeConfig | None = None):
         """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does.
         `seed` seeds the draws of requests without a seed of their own (None: a random seed). On a CPU,
         `cpu_threads` fixes torch's thread count for the steps; None lets the engine measure which count
         is fastest under the machine's current load (`llminfer.engine.threads`), using at most the count
-        torch has when the engine is built."""
+        torch has when the engine is built. `speculative_config` (vLLM's dict) turns on speculative decoding."""
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -78,8 +79,12 @@ class LLMEngine:
                              f"{config.max_position_embeddings} tokens")
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
-        num_blocks = self._num_kv_blocks(num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, block_size,
-                                         dtype, max_num_seqs, max_num_batched_tokens)
+        self.speculative_config = SpeculativeConfig.parse(speculative_config)
+        # A draft model is loaded before the pool is sized: its entries share the target's blocks.
+        draft = load_draft_model(self.speculative_config, model)
+        models = [model] if draft is None else [model, draft]
+        num_blocks = size_kv_pool(models, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, block_size,
+                                  max_num_seqs, max_num_batched_tokens, self.max_model_len)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"a KV pool of {num_blocks} blocks x {block_size} tokens holds {num_blocks * block_size} tokens, "
@@ -97,6 +102,9 @@ class LLMEngine:
         on_cpu = self.device.type == "cpu"
         self.cpu_threads = cpu_threads if on_cpu else None
         self.thread_tuner = ThreadTuner(torch.get_num_threads()) if on_cpu and cpu_threads is None else None
+        self.proposer = (make_proposer(self.speculative_config, draft, self.pool, self.max_model_len, self.generator)
+                         if self.speculative_config is not None else None)
+        self.spec_stats = SpecStats()
         self.requests: dict[str, Sequence] = {}   # every unfinished sequence, by id
         # Parallel sampling (n > 1): a request runs as n sequences, reported together under the request's id.
         self._samples: dict[str, list[Sequence]] = {}   # request id -> its n sequences, until all finish
@@ -105,25 +113,6 @@ class LLMEngine:
         self._ids = itertools.count()
         self.trace: list[StepRecord] = []
         self.start_time = time.perf_counter()
-
-    def _num_kv_blocks(self, num_kv_blocks, memory_bytes, utilization, block_size, dtype, max_num_seqs,
-                       max_num_batched_tokens) -> int:
-        if num_kv_blocks is not None and memory_bytes is not None:
-            raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
-        if num_kv_blocks is not None:
-            return num_kv_blocks
-        if memory_bytes is None:
-            # Never more than every sequence at full length needs (so several small engines can share a
-            # GPU), within what is free on a GPU or a fixed budget on CPU.
-            full = -(-max_num_seqs * self.max_model_len // block_size) * kv_bytes_per_block(
-                self.model.config, block_size, dtype)
-            if self.device.type == "cuda":
-                available = profile_free_memory(self.model, min(max_num_batched_tokens, self.max_model_len),
-                                                utilization)
-            else:
-                available = CPU_KV_CACHE_BYTES
-            memory_bytes = min(full, available)
-        return num_blocks_for(self.model.config, block_size, dtype, max(memory_bytes, 0))
 
     # --- requests in ---------------------------------------------------------------------------------------------
 
@@ -244,59 +233,84 @@ class LLMEngine:
                                    "policy that holds requests back should not call step() until it has work")
             return self._outputs(changed)
         threads = self.thread_tuner.threads_for_step() if self.thread_tuner is not None else self.cpu_threads
-        caller_threads = torch.get_num_threads()   # the step borrows the thread count and gives it back
-        run_start = time.perf_counter()
-        try:
-            if threads is not None:
-                use_threads(threads)
-            result, failure = self.runner.execute(plan.scheduled), None
-        except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: its requests fail, the engine lives
-            result, failure = None, f"the model step failed: {type(exc).__name__}: {exc}"
-        finally:
-            use_threads(caller_threads)
-        if self.thread_tuner is not None and result is not None:
-            work = step_work([(n, seq.num_computed_tokens + n) for seq, n in plan.scheduled], self.model.config)
-            self.thread_tuner.record(threads, time.perf_counter() - run_start, work, len(self.trace))
-        now = time.perf_counter()
-        finished = []
-        for seq, n in plan.scheduled:
-            token = None
-            reason = failure or (result.errors.get(seq) if result is not None else None)
+        with borrowed_threads(threads):   # the step borrows torch's thread count and gives it back
+            run_start = time.perf_counter()
             try:
-                if reason is None:
-                    token = self._advance(seq, n, result, now)
-            except Exception as exc:  # noqa: BLE001 - whatever it was, it ends this request only
-                reason = f"{type(exc).__name__}: {exc}"
-            if reason is not None:
-                self._fail(seq, reason)
-            if seq.is_finished:
-                finished.append(seq.request_id)
-            if token is not None or seq.is_finished:
-                changed.append((seq, [] if token is None else [token]))
+                result, failure = self.runner.execute(plan.scheduled), None
+            except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: its requests fail, the engine lives
+                result, failure = None, f"the model step failed: {type(exc).__name__}: {exc}"
+            if self.thread_tuner is not None and result is not None:
+                work = step_work([(n, seq.num_computed_tokens + n) for seq, n in plan.scheduled], self.model.config)
+                self.thread_tuner.record(threads, time.perf_counter() - run_start, work, len(self.trace))
+            now = time.perf_counter()
+            finished, spec = [], {}
+            for seq, n in plan.scheduled:
+                tokens, drafted = [], seq.num_draft_tokens
+                reason = failure or (result.errors.get(seq) if result is not None else None)
+                try:
+                    if reason is None:
+                        tokens = self._advance(seq, n, result, now)
+                except Exception as exc:  # noqa: BLE001 - whatever it was, it ends this request only
+                    reason = f"{type(exc).__name__}: {exc}"
+                if reason is not None:
+                    self._fail(seq, reason)
+                elif drafted and seq in result.sampled:
+                    spec[seq.request_id] = (drafted, len(result.sampled[seq]) - 1)
+                    self.spec_stats.record(*spec[seq.request_id])
+                if seq.is_finished:
+                    finished.append(seq.request_id)
+                if tokens or seq.is_finished:
+                    changed.append((seq, tokens))
+            draft_start = time.perf_counter()
+            if self.proposer is not None:
+                self._propose()
+            draft_seconds = time.perf_counter() - draft_start
         self.trace.append(StepRecord(
             step=len(self.trace), start=start - self.start_time, duration=time.perf_counter() - start,
             scheduled={seq.request_id: n for seq, n in plan.scheduled}, prefix_hits=plan.prefix_hits,
             preempted=[seq.request_id for seq in plan.preempted], finished=finished,
             num_used_blocks=self.pool.num_used_blocks, num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running), threads=threads))
+            num_running=len(self.scheduler.running), threads=threads, spec=spec, draft_seconds=draft_seconds))
         return self._outputs(changed)
 
-    def _advance(self, seq: Sequence, n: int, result, now: float) -> int | None:
-        """Count a request's n computed tokens; append its sampled token, if any, and check whether it stops."""
+    def _advance(self, seq: Sequence, n: int, result, now: float) -> list[int]:
+        """Count the tokens a request computed and append what it sampled: one token, or after a draft the
+        accepted drafts and one more, checking after each whether the request stops."""
+        tokens = result.sampled.get(seq)
+        accepted = tokens[:-1] if tokens else []
+        if seq.draft is not None:   # rejected drafts were computed but are not the request's: roll them back
+            n -= seq.num_draft_tokens - len(accepted)
+            seq.draft = None
         seq.num_computed_tokens += n
-        self.pool.cache_full_blocks(seq.block_table, seq.token_ids, seq.num_computed_tokens, seq.block_hashes)
+        known = seq.token_ids + accepted if accepted else seq.token_ids   # the accepted drafts were computed too
+        self.pool.cache_full_blocks(seq.block_table, known, seq.num_computed_tokens, seq.block_hashes)
         if seq in result.prompt_logits:
             self._add_prompt_logprobs(seq, *result.prompt_logits[seq])
-        token = result.sampled.get(seq)
-        if token is None:  # a chunk of a prompt: nothing to sample yet
-            return None
-        seq.token_ids.append(token)
-        if seq.logprobs is not None:
-            seq.logprobs.append(self._with_text(seq, result.logprobs[seq]))
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        self._check_stop(seq, token)
-        return token
+        if tokens is None:  # a chunk of a prompt: nothing to sample yet
+            return []
+        emitted = []
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            emitted.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(self._with_text(seq, result.logprobs[seq][i]))
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                break
+        return emitted
+
+    def _propose(self) -> None:
+        """Draft tokens for the running requests that will decode next step. Drafts are only a guess: if the
+        proposer fails, the requests simply decode one token at a time."""
+        ready = [seq for seq in self.scheduler.running if seq.num_computed_tokens == seq.num_tokens - 1]
+        try:
+            for seq, draft in self.proposer.propose(ready).items():
+                seq.draft = draft
+        except Exception:  # noqa: BLE001
+            for seq in ready:
+                seq.draft = None
 
     def _fail(self, seq: Sequence, reason: str) -> None:
         if not seq.is_finished:

@@ -9,6 +9,9 @@ left of the budget gets a chunk now and the rest in later steps.
 When a running request needs a block and none is free, the newest running request is preempted:
 its blocks go back to the pool and it returns to the front of the waiting queue, keeping every
 token it produced; it recomputes their keys and values when it is scheduled again.
+
+With speculative decoding a running request also carries draft tokens: they are only more tokens
+to compute, counted in the budget like the others (the ones that do not fit are dropped).
 """
 
 from __future__ import annotations
@@ -53,7 +56,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens - seq.num_computed_tokens + seq.num_draft_tokens, budget)
+            if seq.draft is not None and n < seq.num_tokens - seq.num_computed_tokens + seq.num_draft_tokens:
+                self._trim_draft(seq, n - (seq.num_tokens - seq.num_computed_tokens))
             while not self.pool.allocate(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -89,9 +94,20 @@ class Scheduler:
             budget -= n
         return out
 
+    @staticmethod
+    def _trim_draft(seq: Sequence, keep: int) -> None:
+        """Keep the first `keep` draft tokens (none if keep <= 0)."""
+        draft = seq.draft
+        if keep <= 0:
+            seq.draft = None
+        else:
+            draft.token_ids = draft.token_ids[:keep]
+            draft.probs = None if draft.probs is None else draft.probs[:keep]
+
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_table)
         seq.num_computed_tokens, seq.block_hashes = 0, []
+        seq.draft, seq.num_draft_computed = None, 0   # both caches' entries went with the blocks
         seq.status = RequestStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from llminfer.sampling import Logprob, SamplingParams
+
+if TYPE_CHECKING:
+    from llminfer.spec.proposer import Draft
 
 
 class RequestStatus(enum.Enum):
@@ -45,6 +49,8 @@ class Sequence:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0    # prompt tokens found in the prefix cache when first scheduled
     num_preemptions: int = 0
+    draft: Draft | None = None    # speculative decoding: tokens proposed for the next step, not yet verified
+    num_draft_computed: int = 0   # tokens whose entries the draft model has in its cache
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -69,6 +75,10 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_draft_tokens(self) -> int:
+        return len(self.draft.token_ids) if self.draft is not None else 0
 
     @property
     def is_finished(self) -> bool:

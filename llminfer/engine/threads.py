@@ -13,6 +13,8 @@ the fastest, and tries the others again from time to time (more often after a st
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -124,3 +126,15 @@ def use_threads(threads: int) -> None:
     costs the next parallel region ~0.2 ms."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def borrowed_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on `threads` threads (None: as they are) and give the caller's count back after."""
+    caller = torch.get_num_threads()
+    try:
+        if threads is not None:
+            use_threads(threads)
+        yield
+    finally:
+        use_threads(caller)

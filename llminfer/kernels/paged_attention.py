@@ -292,35 +292,52 @@ def paged_attention_prefill_reference(q: torch.Tensor, k_cache: torch.Tensor, v_
     return cache_attention(q, k_cache, v_cache, meta, scale)
 
 
+def _memoized(memo: dict | None, key: str, compute):
+    """compute(), or what an earlier layer of the same step computed (`memo` lives on the step's metadata)."""
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, max_seq_len: int) -> torch.Tensor:
+                           seq_lens: torch.Tensor, scale: float, max_seq_len: int, memo: dict | None = None
+                           ) -> torch.Tensor:
     """Attention of one new token per sequence [num_seqs, num_heads, head_dim] over its cached context.
 
     `seq_lens` counts the new token, whose K/V must already be stored. CUDA: Triton; fp32 on the CPU: the
-    C kernel of `llminfer.kernels.cpu` when it builds; else the reference.
+    C kernel of `llminfer.kernels.cpu` when it builds; else the reference. `memo` (the step's metadata's)
+    keeps what the first layer derives from the metadata for the others.
     """
     if q.is_cuda and triton is not None:
         return paged_attention_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
     if cpu.supports(q, k_cache):
-        rows = torch.arange(q.shape[0], device=q.device)
-        return cpu.paged_attention_rows(q, k_cache, v_cache, block_tables, rows, seq_lens, scale)
+        rows = _memoized(memo, "cpu_decode_rows", lambda: cpu.prepare_rows(
+            block_tables, torch.arange(q.shape[0], device=q.device), seq_lens, k_cache.shape[1]))
+        return cpu.attend_rows(q, k_cache, v_cache, rows, scale)
     return paged_attention_decode_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len)
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                            scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
+                            scale: float, max_query_len: int, max_seq_len: int, memo: dict | None = None
+                            ) -> torch.Tensor:
     """Causal attention of each sequence's last n_i tokens (flattened [num_tokens, heads, head_dim]) over
     its cache, which already holds their K/V. CUDA: Triton; fp32 on the CPU: the C kernel of
-    `llminfer.kernels.cpu` when it builds; else the reference."""
+    `llminfer.kernels.cpu` when it builds; else the reference. `memo` as for `paged_attention_decode`."""
     if q.is_cuda and triton is not None:
         return paged_attention_prefill_triton(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                                               max_query_len, max_seq_len)
     if cpu.supports(q, k_cache):
-        # Row i of sequence s sits at position seq_len - (end of s's rows - i) and sees keys up to it.
-        num_new = query_start_loc[1:] - query_start_loc[:-1]
-        row_seq = torch.repeat_interleave(torch.arange(num_new.numel(), device=q.device), num_new)
-        row_len = seq_lens[row_seq] - query_start_loc[1:][row_seq] + torch.arange(q.shape[0], device=q.device) + 1
-        return cpu.paged_attention_rows(q, k_cache, v_cache, block_tables, row_seq, row_len, scale)
+        def rows() -> cpu.Rows:
+            # Row i of sequence s sits at position seq_len - (end of s's rows - i) and sees keys up to it.
+            num_new = query_start_loc[1:] - query_start_loc[:-1]
+            row_seq = torch.repeat_interleave(torch.arange(num_new.numel(), device=q.device), num_new)
+            row_len = seq_lens[row_seq] - query_start_loc[1:][row_seq] + torch.arange(q.shape[0], device=q.device) + 1
+            return cpu.prepare_rows(block_tables, row_seq, row_len, k_cache.shape[1])
+
+        prepared = _memoized(memo, "cpu_prefill_rows", rows)
+        return cpu.attend_rows(q, k_cache, v_cache, prepared, scale)
     return paged_attention_prefill_reference(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
                                              max_query_len, max_seq_len)

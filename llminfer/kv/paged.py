@@ -13,6 +13,8 @@ import torch
 from llminfer.bench.roofline import kv_bytes_per_token
 from llminfer.models.config import ModelConfig
 
+CPU_KV_CACHE_BYTES = 2**30  # default pool on CPU: 1 GiB at most (on CUDA the pool is sized by profiling)
+
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """Bytes of K and V for one block across all layers."""
@@ -54,3 +56,27 @@ def profile_free_memory(model: torch.nn.Module, num_tokens: int, utilization: fl
 def num_blocks_for(config: ModelConfig, block_size: int, dtype: torch.dtype, memory_bytes: int) -> int:
     """How many blocks fit in a memory budget."""
     return memory_bytes // kv_bytes_per_block(config, block_size, dtype)
+
+
+def size_kv_pool(models: list[torch.nn.Module], num_kv_blocks: int | None, memory_bytes: int | None,
+                 utilization: float, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int) -> int:
+    """The number of blocks of an engine's pool: `num_kv_blocks` if given, else what `memory_bytes` holds, else
+    what every sequence at full length needs, capped by what is free on a GPU (measured) or a fixed budget on
+    CPU. A block holds the entries of every model in `models` (the target, and a draft model that shares its
+    block tables)."""
+    if num_kv_blocks is not None and memory_bytes is not None:
+        raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
+    if num_kv_blocks is not None:
+        return num_kv_blocks
+    param = next(models[0].parameters())
+    block_bytes = sum(kv_bytes_per_block(m.config, block_size, param.dtype) for m in models)
+    if memory_bytes is None:
+        # Never more than every sequence at full length needs, so several small engines can share a GPU.
+        full = -(-max_num_seqs * max_model_len // block_size) * block_bytes
+        if param.device.type == "cuda":
+            available = profile_free_memory(models[0], min(max_num_batched_tokens, max_model_len), utilization)
+        else:
+            available = CPU_KV_CACHE_BYTES
+        memory_bytes = min(full, available)
+    return max(memory_bytes, 0) // block_bytes

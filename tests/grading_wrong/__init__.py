@@ -11,8 +11,10 @@ from grading_wrong import (
     prefix_caching,
     sampling,
     scheduling,
+    speculative,
 )
 
 # exercise id -> {what is wrong: the wrong implementation}
 WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG,
-         **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG, **anatomy.WRONG}
+         **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG, **anatomy.WRONG,
+         **speculative.WRONG}

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -136,6 +137,31 @@ def unavailable_reason() -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Rows:
+    """Which cached keys each row of q attends to, converted to the kernel's types and checked: row r sees the
+    first `row_len[r]` tokens of sequence `row_seq[r]`, whose blocks are `tables[row_seq[r]]`."""
+
+    tables: torch.Tensor    # int32 [num_seqs, max_blocks]
+    row_seq: torch.Tensor   # int64 [rows]
+    row_len: torch.Tensor   # int64 [rows]
+
+
+def prepare_rows(block_tables: torch.Tensor, row_seq: torch.Tensor, row_len: torch.Tensor,
+                 block_size: int) -> Rows:
+    """Convert and check the rows once; a step's layers all attend with the same ones."""
+    rows = Rows(block_tables.to(torch.int32).contiguous(), row_seq.to(torch.int64).contiguous(),
+                row_len.to(torch.int64).contiguous())
+    if rows.row_seq.numel():
+        if int(rows.row_seq.min()) < 0 or int(rows.row_seq.max()) >= rows.tables.shape[0]:
+            raise ValueError(f"row_seq must name one of the {rows.tables.shape[0]} block tables, got "
+                             f"{int(rows.row_seq.min())}..{int(rows.row_seq.max())}")
+        if int(rows.row_len.min()) < 1 or int(rows.row_len.max()) > rows.tables.shape[1] * block_size:
+            raise ValueError(f"row lengths must lie in 1..{rows.tables.shape[1] * block_size}, got "
+                             f"{int(rows.row_len.min())}..{int(rows.row_len.max())}")
+    return rows
+
+
 def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                          row_seq: torch.Tensor, row_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Row r of q [rows, heads, head_dim] attends over the first row_len[r] cached tokens of sequence row_seq[r].
@@ -144,6 +170,12 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     every key a row sees. Decode: one row per sequence, row_len = seq_len. Prefill: a row per new token,
     row_len = its position + 1.
     """
+    return attend_rows(q, k_cache, v_cache, prepare_rows(block_tables, row_seq, row_len, k_cache.shape[1]), scale)
+
+
+def attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: Rows,
+                scale: float) -> torch.Tensor:
+    """`paged_attention_rows` with rows already prepared (`prepare_rows`)."""
     num_rows, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -151,26 +183,19 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
             raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
     if num_heads % num_kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if rows.row_seq.shape[0] != num_rows:
+        raise ValueError(f"q has {num_rows} rows but the row arrays describe {rows.row_seq.shape[0]}")
     library = load(head_dim, num_heads // num_kv_heads)
     if library is None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {unavailable_reason()}")
     if num_rows == 0:
         return torch.empty_like(q)
-    row_len = row_len.to(torch.int64).contiguous()
-    row_seq = row_seq.to(torch.int64).contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
-    if int(row_seq.min()) < 0 or int(row_seq.max()) >= tables.shape[0]:
-        raise ValueError(f"row_seq must name one of the {tables.shape[0]} block tables, got "
-                         f"{int(row_seq.min())}..{int(row_seq.max())}")
-    if int(row_len.min()) < 1 or int(row_len.max()) > tables.shape[1] * block_size:
-        raise ValueError(f"row lengths must lie in 1..{tables.shape[1] * block_size}, got "
-                         f"{int(row_len.min())}..{int(row_len.max())}")
     q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
     out = torch.empty_like(q)
     status = library.llminfer_paged_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), row_seq.data_ptr(),
-        row_len.data_ptr(), out.data_ptr(), num_rows, num_kv_heads, block_size, num_blocks, tables.shape[1], scale,
-        torch.get_num_threads())
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), rows.tables.data_ptr(), rows.row_seq.data_ptr(),
+        rows.row_len.data_ptr(), out.data_ptr(), num_rows, num_kv_heads, block_size, num_blocks,
+        rows.tables.shape[1], scale, torch.get_num_threads())
     if status == 2:
         raise ValueError(f"a block table names a block outside the cache's {num_blocks} blocks")
     if status != 0:
