@@ -2,6 +2,7 @@
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,19 @@ def test_citations_exist_in_the_bibliography():
         for group in re.findall(r"\{cite:[pt]\}`([^`]+)`", page.read_text()):
             for key in group.split(","):
                 assert key.strip() in keys, f"{page.name} cites unknown {key!r}"
+
+
+RECORDED = re.compile(r"benchmarks/results/[\w./-]+\.json")
+
+
+@pytest.mark.parametrize("page", CHAPTERS, ids=lambda p: p.name)
+def test_recorded_results_a_chapter_reads_are_committed(page):
+    """A chapter that reads a recorded result needs it in every clone: present, and tracked by git (an
+    untracked file passes locally and breaks the book in CI)."""
+    paths = sorted(set(RECORDED.findall(page.read_text())))
+    for path in paths:
+        assert (ROOT / path).is_file(), f"{page.name} reads {path}, which does not exist"
+    if paths and (ROOT / ".git").exists():
+        tracked = subprocess.run(["git", "ls-files", "--", *paths], cwd=ROOT, capture_output=True, text=True)
+        missing = set(paths) - set(tracked.stdout.split())
+        assert tracked.returncode == 0 and not missing, f"{page.name} reads {sorted(missing)}, not committed to git"

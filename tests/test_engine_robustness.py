@@ -404,7 +404,7 @@ def simulate(tuner, cost_of, steps, start=0):
     """Run `steps` steps of equal work whose seconds per unit depend on the thread count and the step."""
     used = []
     for step in range(start, start + steps):
-        threads = tuner.threads_for_step()
+        threads = tuner.threads_for_step(100)
         used.append(threads)
         tuner.record(threads, cost_of(threads, step) * 100, 100, step)
     return used
@@ -432,6 +432,27 @@ def test_the_tuner_ignores_noise_and_short_steps():
     assert tuner.current == 2 and not tuner.switches
     tuner.record(1, 1e-5, 10, 0)   # a step too short to time changes nothing
     assert tuner.current == 2
+
+
+def test_each_step_size_keeps_its_own_choice():
+    """Small steps are mostly fixed per-op costs (a second thread only adds to them), large ones split well:
+    on the same machine at the same time, the tuner must use 1 thread for the first and 2 for the second."""
+    tuner = ThreadTuner(2)
+    cost = {(2, "small"): 1.3e-3, (1, "small"): 1e-3, (2, "large"): 1e-4, (1, "large"): 1.6e-4}   # per unit
+    used = {"small": [], "large": []}
+    for step in range(600):
+        size = "small" if step % 3 else "large"
+        work = 4 if size == "small" else 2000
+        threads = tuner.threads_for_step(work)
+        used[size].append(threads)
+        tuner.record(threads, cost[threads, size] * work, work, step)
+    assert used["small"][100:].count(1) >= 0.9 * len(used["small"][100:])
+    assert used["large"][100:].count(2) >= 0.9 * len(used["large"][100:])
+    assert tuner.bucket(4) != tuner.bucket(2000)
+    # A size never seen starts from the latest choice (the load is the machine's, not the size's) ...
+    tuner.threads_for_step(4)
+    assert tuner.threads_for_step(100) == 1 or tuner.choices[tuner.bucket(100)].plan
+    assert tuner.choices[tuner.bucket(100)].current == 1
 
 
 def test_step_work_counts_tokens_and_attention():

@@ -23,6 +23,8 @@ from llminfer.datasets import tinyshakespeare_text, train_val_split
 from llminfer.sampling import SamplingParams
 
 WORKLOADS = ("grounded", "open")
+PROPOSERS = ("ngram", "draft_model")
+MAX_BATCH = 1024
 
 
 def workload_prompts(tokenizer, workload: str, count: int, seed: int, passage_tokens: int = 160,
@@ -69,7 +71,12 @@ def timed_generate(llm, prompts: list[list[int]], output_len: int) -> dict:
     decode = [r for r in steps if all(n <= 17 for n in r.scheduled.values())]
     return {"seconds": seconds, "tokens": [o.outputs[0].token_ids for o in outputs], "steps": len(steps),
             "decode_step_seconds": statistics.median(r.duration - r.draft_seconds for r in decode) if decode else None,
-            "draft_seconds_per_step": statistics.median(r.draft_seconds for r in decode) if decode else None}
+            "draft_seconds_per_step": statistics.median(r.draft_seconds for r in decode) if decode else None,
+            # for the decomposition of the speedup: request-steps (one request decoding in one step, also in a step
+            # that prefills others, as verifications are counted) and the time of the steps that only decode
+            "decode_request_steps": sum(n <= 17 for r in steps for n in r.scheduled.values()),
+            "decode_steps": len(decode),
+            "decode_seconds": sum(r.duration for r in decode)}
 
 
 def run(model: str = "tiny-shakespeare", draft_model: str = "tiny-shakespeare-draft",
@@ -81,6 +88,7 @@ def run(model: str = "tiny-shakespeare", draft_model: str = "tiny-shakespeare-dr
     `repeats` times (medians kept). Greedy outputs must agree with plain decoding, token for token."""
     from llminfer import LLM
 
+    check_arguments(batch_sizes, ks, ks_batched, workloads, proposers, output_len, repeats)
     base = LLM(model, max_num_seqs=max(batch_sizes), seed=seed)
     tokenizer = base.get_tokenizer()
     speculative = {}
@@ -114,6 +122,25 @@ def run(model: str = "tiny-shakespeare", draft_model: str = "tiny-shakespeare-dr
             "prompt_lookup_min": prompt_lookup[0], "prompt_lookup_max": prompt_lookup[1], "rows": rows}
 
 
+def check_arguments(batch_sizes, ks, ks_batched, workloads, proposers, output_len, repeats) -> None:
+    """Refuse, before anything is loaded, what the sweep cannot run, naming the value."""
+    def positive(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    for name, values in (("batch_sizes", batch_sizes), ("ks", ks), ("ks_batched", ks_batched)):
+        if not isinstance(values, (tuple, list)) or not values or not all(positive(v) for v in values):
+            raise ValueError(f"{name} must be a non-empty list of positive ints, got {values!r:.80}")
+    if max(batch_sizes) > MAX_BATCH:
+        raise ValueError(f"batch sizes above {MAX_BATCH} are not measured here, got {max(batch_sizes)}")
+    for name, values, known in (("workloads", workloads, WORKLOADS), ("proposers", proposers, PROPOSERS)):
+        unknown = [v for v in values if v not in known] if isinstance(values, (tuple, list)) else [values]
+        if unknown or not values:
+            raise ValueError(f"{name} must be among {', '.join(known)}, got {values!r:.80}")
+    for name, value in (("output_len", output_len), ("repeats", repeats)):
+        if not positive(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r:.80}")
+
+
 def _copy_stats(stats):
     from llminfer.spec.metrics import SpecStats
 
@@ -143,6 +170,13 @@ def _row(workload, batch, proposer, k, base_runs, spec_runs, stats, output_len) 
     verify_step = statistics.median(r["decode_step_seconds"] for r in spec_runs)
     c = draft_step / max(drafted, 1e-9) / base_step if drafted else 0.0   # one draft token, in target steps
     predicted = None if a is None else expected_tokens(a, drafted) / (1 + drafted * c)
+    # The measured speedup, decomposed: tokens per request-step (the formula's E, but only a share `coverage` of
+    # request-steps had a draft to verify) over the cost of a step relative to a plain one (drafting included).
+    base_rs, spec_rs = base_runs[0]["decode_request_steps"], spec_runs[0]["decode_request_steps"]
+    coverage = stats.num_verifications / (len(spec_runs) * spec_rs) if spec_rs else 0.0
+    step_cost = (statistics.median(r["decode_seconds"] / r["decode_steps"] for r in spec_runs)
+                 / statistics.median(r["decode_seconds"] / r["decode_steps"] for r in base_runs))
+    tokens_per_step = None if a is None else coverage * expected_tokens(a, drafted) + 1 - coverage
     return {
         "workload": workload, "batch_size": batch, "proposer": proposer, "k": k,
         "base_seconds": base_s, "spec_seconds": spec_s, "speedup": base_s / spec_s,
@@ -156,6 +190,13 @@ def _row(workload, batch, proposer, k, base_runs, spec_runs, stats, output_len) 
         "cost": {"base_step_s": base_step, "verify_step_s": verify_step, "draft_s_per_step": draft_step,
                  "c_draft_token_per_target_step": c, "verify_over_base_step": verify_step / base_step},
         "predicted_speedup": predicted,
+        "coverage": coverage,   # share of request-steps that had a draft to verify
+        "tokens_per_request_step": {"base": base_rs and batch * output_len / base_rs,
+                                    "spec": spec_rs and batch * output_len / spec_rs,
+                                    "formula_with_coverage": tokens_per_step},
+        "step_cost_over_base": step_cost,   # mean decode step with speculation (drafting included) / plain one
+        # E with the measured coverage, over the measured step cost: what is left is the independence assumption
+        "predicted_speedup_with_measured_costs": None if a is None else tokens_per_step / step_cost,
         # The classic formula's E, with the verification's measured cost instead of its assumed one.
         "predicted_speedup_with_measured_verify": None if a is None else
         expected_tokens(a, drafted) * base_step / (verify_step + draft_step),
@@ -164,8 +205,11 @@ def _row(workload, batch, proposer, k, base_runs, spec_runs, stats, output_len) 
 
 def _describe(row: dict) -> str:
     predicted = "-" if row["predicted_speedup"] is None else f"{row['predicted_speedup']:.2f}x"
+    measured = ("-" if row["predicted_speedup_with_measured_costs"] is None
+                else f"{row['predicted_speedup_with_measured_costs']:.2f}x")
     a = "-" if row["alpha"] is None else f"{row['alpha']:.2f}"
     return (f"{row['workload']:8} batch {row['batch_size']:>3} {row['proposer']:11} k={row['k']}: "
             f"{row['speedup']:.2f}x measured, {predicted} predicted (alpha {a}, c "
-            f"{row['cost']['c_draft_token_per_target_step']:.2f}); identical {row['identical_requests']}/"
+            f"{row['cost']['c_draft_token_per_target_step']:.2f}, coverage {row['coverage']:.2f}, step cost "
+            f"{row['step_cost_over_base']:.2f}, with these {measured}); identical {row['identical_requests']}/"
             f"{row['requests']}")

@@ -232,7 +232,10 @@ class LLMEngine:
                                    "default scheduler this means the KV pool cannot hold the oldest request; a "
                                    "policy that holds requests back should not call step() until it has work")
             return self._outputs(changed)
-        threads = self.thread_tuner.threads_for_step() if self.thread_tuner is not None else self.cpu_threads
+        threads, work = self.cpu_threads, 0.0
+        if self.thread_tuner is not None:
+            work = step_work([(n, seq.num_computed_tokens + n) for seq, n in plan.scheduled], self.model.config)
+            threads = self.thread_tuner.threads_for_step(work)
         with borrowed_threads(threads):   # the step borrows torch's thread count and gives it back
             run_start = time.perf_counter()
             try:
@@ -240,7 +243,6 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001 - the batch failed as a whole: its requests fail, the engine lives
                 result, failure = None, f"the model step failed: {type(exc).__name__}: {exc}"
             if self.thread_tuner is not None and result is not None:
-                work = step_work([(n, seq.num_computed_tokens + n) for seq, n in plan.scheduled], self.model.config)
                 self.thread_tuner.record(threads, time.perf_counter() - run_start, work, len(self.trace))
             now = time.perf_counter()
             finished, spec = [], {}

@@ -37,23 +37,61 @@ def candidate_threads(max_threads: int) -> list[int]:
 
 
 class ThreadTuner:
-    """Picks torch's intra-op thread count for each step by measuring seconds per unit of work."""
+    """Picks torch's intra-op thread count for each step by measuring seconds per unit of work.
+
+    The best count depends on the step's size as well as on the load: a step of a few decode tokens is mostly
+    fixed per-op costs, which a second thread only adds to, while a prefill of 2048 tokens splits well. So
+    steps are sorted by work into buckets a factor of 16 apart, and each bucket keeps its own choice."""
 
     def __init__(self, max_threads: int):
         if not isinstance(max_threads, int) or isinstance(max_threads, bool) or max_threads < 1:
             raise ValueError(f"cpu threads must be a positive int, got {max_threads!r}")
         self.candidates = candidate_threads(max_threads)
-        self.current = max_threads
+        self.choices: dict[int, ThreadChoice] = {}     # work bucket -> its choice
+        self.switches: list[tuple[int, int]] = []      # (step index, new thread count), for the chapters
+        self._latest: ThreadChoice | None = None
+
+    @staticmethod
+    def bucket(work: float) -> int:
+        return max(0, int(work).bit_length() // 4)    # factors of 16: work below 16, 16-255, 256-4095, ...
+
+    def _choice(self, work: float) -> ThreadChoice:
+        key = self.bucket(work)
+        if key not in self.choices:   # a new size starts from the latest size's choice: the load is the same
+            start = self.candidates[0] if self._latest is None else self._latest.current
+            self.choices[key] = ThreadChoice(self.candidates, self.switches, start)
+        self._latest = self.choices[key]
+        return self._latest
+
+    @property
+    def current(self) -> int:
+        """The choice for the latest step's size."""
+        return self.candidates[0] if self._latest is None else self._latest.current
+
+    def threads_for_step(self, work: float) -> int:
+        """The thread count to use for the next step, of `work` units (`step_work`)."""
+        return self._choice(work).threads_for_step()
+
+    def record(self, threads: int, seconds: float, work: float, step: int) -> None:
+        """Report how long a step of `work` units took on `threads` threads."""
+        self._choice(work).record(threads, seconds, work, step)
+
+
+class ThreadChoice:
+    """The thread count for steps of one size: timed on each candidate, kept while it stays the fastest."""
+
+    def __init__(self, candidates: list[int], switches: list[tuple[int, int]], current: int):
+        self.candidates = candidates
+        self.current = current
         self.interval = FIRST_INTERVAL
         self.steps_to_probe = 0                   # probe at the first timed steps
         self.plan: list[int] = []                 # thread counts of the probe in progress, one per step
         self.samples: dict[int, list[float]] = {}  # seconds per unit of work, per candidate, in this probe
         self.usual: float | None = None            # recent seconds per unit of work on `current`
         self.last: float | None = None             # the latest of them
-        self.switches: list[tuple[int, int]] = []  # (step index, new thread count), for the chapters
+        self.switches = switches                   # shared with the tuner: (step index, new thread count)
 
     def threads_for_step(self) -> int:
-        """The thread count to use for the next step."""
         if not self.plan and self.steps_to_probe <= 0 and len(self.candidates) > 1:
             self.plan = self._probe_plan()
             self.samples = {}
@@ -66,7 +104,6 @@ class ThreadTuner:
         return [t for n in neighbours for _ in range(PROBE_ROUNDS) for t in (n, self.current)]
 
     def record(self, threads: int, seconds: float, work: float, step: int) -> None:
-        """Report how long a step of `work` units took on `threads` threads."""
         timed = seconds >= MIN_SECONDS and work > 0
         if self.plan:
             if timed:
