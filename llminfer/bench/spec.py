@@ -15,6 +15,7 @@ or memory traffic, and fails once the batch makes the step compute-bound.
 
 from __future__ import annotations
 
+import copy
 import random
 import statistics
 import time
@@ -111,7 +112,7 @@ def run(model: str = "tiny-shakespeare", draft_model: str = "tiny-shakespeare-dr
                     llm = engine(proposer, k)
                     timed_generate(llm, prompts[:1], 4)
                     base_runs, spec_runs = [], []
-                    stats_before = _copy_stats(llm.llm_engine.spec_stats)
+                    stats_before = copy.deepcopy(llm.llm_engine.spec_stats)
                     for _ in range(repeats):
                         base_runs.append(timed_generate(base, prompts, output_len))
                         spec_runs.append(timed_generate(llm, prompts, output_len))
@@ -139,13 +140,6 @@ def check_arguments(batch_sizes, ks, ks_batched, workloads, proposers, output_le
     for name, value in (("output_len", output_len), ("repeats", repeats)):
         if not positive(value):
             raise ValueError(f"{name} must be a positive int, got {value!r:.80}")
-
-
-def _copy_stats(stats):
-    from llminfer.spec.metrics import SpecStats
-
-    return SpecStats(stats.num_verifications, stats.num_drafted, stats.num_accepted, list(stats.reached_at),
-                     list(stats.accepted_at))
 
 
 def _diff_stats(after, before):

@@ -290,18 +290,16 @@ class LLMEngine:
             self._add_prompt_logprobs(seq, *result.prompt_logits[seq])
         if tokens is None:  # a chunk of a prompt: nothing to sample yet
             return []
-        emitted = []
+        if seq.first_token_time is None:
+            seq.first_token_time = now
         for i, token in enumerate(tokens):
             seq.token_ids.append(token)
-            emitted.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(self._with_text(seq, result.logprobs[seq][i]))
-            if seq.first_token_time is None:
-                seq.first_token_time = now
             self._check_stop(seq, token)
             if seq.is_finished:
-                break
-        return emitted
+                return tokens[:i + 1]
+        return tokens
 
     def _propose(self) -> None:
         """Draft tokens for the running requests that will decode next step. Drafts are only a guess: if the

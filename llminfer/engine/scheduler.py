@@ -56,9 +56,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens + seq.num_draft_tokens, budget)
-            if seq.draft is not None and n < seq.num_tokens - seq.num_computed_tokens + seq.num_draft_tokens:
-                self._trim_draft(seq, n - (seq.num_tokens - seq.num_computed_tokens))
+            pending = seq.num_tokens - seq.num_computed_tokens
+            n = min(pending + seq.num_draft_tokens, budget)
+            if n < pending + seq.num_draft_tokens:
+                self._trim_draft(seq, n - pending)
             while not self.pool.allocate(seq.block_table, seq.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
