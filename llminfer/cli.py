@@ -20,12 +20,14 @@ def _generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise ValueError("prompt is empty: give at least one character with --prompt")
-    if args.speculative_config is not None or args.quantization is not None:   # both live in the engine
+    if args.speculative_config is not None or args.quantization is not None or args.kv_cache_dtype != "auto":
+        # these live in the engine
         from llminfer.engine.llm import LLM
 
         spec = None if args.speculative_config is None else _json_object(args.speculative_config,
                                                                           "--speculative-config")
-        llm = LLM(args.model, device=args.device, speculative_config=spec, quantization=args.quantization)
+        llm = LLM(args.model, device=args.device, speculative_config=spec, quantization=args.quantization,
+                  kv_cache_dtype=args.kv_cache_dtype)
         text = llm.generate(args.prompt, params, use_tqdm=False)[0].outputs[0].text
         stats = llm.llm_engine.spec_stats
         if stats.num_verifications:
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                           '\'{"model": "tiny-shakespeare-draft", "num_speculative_tokens": 3}\'')
     gen.add_argument("--quantization", default=None,
                      help="quantize the decoder's linear layers as the model loads: int8, int4, fp8, gptq, awq, w8a8")
+    gen.add_argument("--kv-cache-dtype", default="auto",
+                     help="store the KV cache quantized: int8, fp8 (= fp8_e4m3), fp8_e5m2; auto keeps the model's")
     gen.set_defaults(run=_generate)
     bench = sub.add_parser("bench", help="benchmarks against a baseline").add_subparsers(dest="bench", required=True)
     tp = bench.add_parser("throughput", help="offline throughput of llminfer.LLM vs transformers generate()")

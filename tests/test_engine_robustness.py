@@ -381,8 +381,8 @@ def test_vllm_engine_arguments_are_honoured_or_refused_with_their_meaning():
     assert fine.generate("ROMEO:", GREEDY, use_tqdm=False)[0].outputs[0].text
     with pytest.raises(ValueError, match="tensor_parallel_size=2 splits each layer over that many GPUs in vLLM"):
         LLM("tiny-shakespeare", tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="kv_cache_dtype: in vLLM this argument stores the KV cache in a smaller"):
-        LLM("tiny-shakespeare", kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="cpu_offload_gb: in vLLM this argument keeps part of the weights in host"):
+        LLM("tiny-shakespeare", cpu_offload_gb=4)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         LLM("tiny-shakespeare", colour="blue")
     with pytest.raises(ValueError, match="enforce_eager must be a bool, got 'yes'"):

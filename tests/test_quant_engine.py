@@ -72,5 +72,5 @@ def test_bad_quantization_values_are_refused_naming_them(value):
 
 
 def test_what_llminfer_does_not_implement_is_refused_with_its_meaning():
-    with pytest.raises(ValueError, match="kv_cache_dtype: in vLLM this argument stores the KV cache"):
-        LLM("tiny-shakespeare", device="cpu", kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="swap_space: in vLLM this argument swaps preempted requests"):
+        LLM("tiny-shakespeare", device="cpu", swap_space=4)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
+from llminfer.kv.quantized import code_dtype
 from llminfer.models.loader import load_checkpoint, load_tokenizer
 from llminfer.models.registry import default_model_name, resolve_model_path
 from llminfer.quant.quantize import CALIBRATED, check_method, quantize_on_load
@@ -31,7 +32,6 @@ DTYPES = {"float32": torch.float32, "float": torch.float32, "float16": torch.flo
 VLLM_ONLY = {
     "pipeline_parallel_size": "splits the layers over several GPUs",
     "data_parallel_size": "runs several copies of the model",
-    "kv_cache_dtype": "stores the KV cache in a smaller dtype",
     "cpu_offload_gb": "keeps part of the weights in host memory",
     "swap_space": "swaps preempted requests' KV blocks to host memory (vLLM V0)",
     "tokenizer_mode": "chooses the slow, fast or Mistral tokenizer",
@@ -75,7 +75,7 @@ class LLM:
                  tokenizer: str | Path | None = None, skip_tokenizer_init: bool = False,
                  tensor_parallel_size: int = 1, enforce_eager: bool = False, trust_remote_code: bool = False,
                  cpu_threads: int | None = None, speculative_config: dict | None = None,
-                 quantization: str | None = None, **kwargs):
+                 quantization: str | None = None, kv_cache_dtype: str = "auto", **kwargs):
         """vLLM's arguments, where they mean the same. `tokenizer` loads the tokenizer from another path or
         Hub id; `skip_tokenizer_init=True` loads none (prompts are then token ids and outputs carry no
         text). `enforce_eager` (no CUDA graphs) is what llminfer always does; `trust_remote_code` changes
@@ -85,8 +85,11 @@ class LLM:
         a, "prompt_lookup_max": b} or {"model": "tiny-shakespeare-draft", "num_speculative_tokens": k}.
         `quantization` ("int8", "int4", "fp8", "gptq", "awq" or "w8a8") quantizes the decoder's linear layers
         as the model loads (`llminfer.quant.quantize_on_load`); vLLM's "gptq" and "awq" instead read weights
-        quantized beforehand."""
+        quantized beforehand. `kv_cache_dtype` ("auto", "int8", "fp8", "fp8_e4m3" or "fp8_e5m2") stores the KV
+        cache in one byte per value with a scale per token and head (`llminfer.kv.quantized`); vLLM's fp8
+        cache has one scale per tensor or head instead, and no "int8"."""
         check_vllm_arguments(tensor_parallel_size, enforce_eager, trust_remote_code, kwargs)
+        code_dtype(kv_cache_dtype)   # an unknown name fails before the model loads
         if not isinstance(skip_tokenizer_init, bool):
             raise ValueError(f"skip_tokenizer_init must be a bool, got {skip_tokenizer_init!r}")
         if quantization is not None:
@@ -107,7 +110,7 @@ class LLM:
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching, seed=seed, cpu_threads=cpu_threads,
-            speculative_config=speculative_config)
+            speculative_config=speculative_config, kv_cache_dtype=kv_cache_dtype)
         self._lock = threading.Lock()            # one engine step (or submission) at a time
         self._owned: set[str] = set()            # ids submitted by generate() calls still waiting for them
         self._done: dict[str, RequestOutput] = {}  # finished outputs, until their call picks them up

@@ -28,6 +28,7 @@ from llminfer.engine.threads import ThreadTuner, borrowed_threads, step_work
 from llminfer.generate import check_prompt, encode_prompt, stop_token_ids
 from llminfer.kv.block_pool import BlockPool
 from llminfer.kv.paged import PagedKVCache, size_kv_pool
+from llminfer.kv.quantized import code_dtype
 from llminfer.sampling import MAX_SEED, Logprob, SamplingParams, find_stop, make_generator, top_logprobs
 from llminfer.spec import SpecStats, SpeculativeConfig, load_draft_model, make_proposer
 
@@ -56,12 +57,15 @@ class LLMEngine:
                  kv_cache_memory_bytes: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, seed: int | None = 0, scheduler_cls: type[Scheduler] = Scheduler,
-                 cpu_threads: int | None = None, speculative_config: dict | SpeculativeConfig | None = None):
+                 cpu_threads: int | None = None, speculative_config: dict | SpeculativeConfig | None = None,
+                 kv_cache_dtype: str = "auto"):
         """`scheduler_cls` swaps the scheduling policy (a `Scheduler` subclass), as the batching chapter does.
         `seed` seeds the draws of requests without a seed of their own (None: a random seed). On a CPU,
         `cpu_threads` fixes torch's thread count for the steps; None lets the engine measure which count
         is fastest under the machine's current load (`llminfer.engine.threads`), using at most the count
-        torch has when the engine is built. `speculative_config` (vLLM's dict) turns on speculative decoding."""
+        torch has when the engine is built. `speculative_config` (vLLM's dict) turns on speculative decoding.
+        `kv_cache_dtype` "int8" or "fp8" (vLLM's names, also "fp8_e4m3", "fp8_e5m2") stores one byte per cached
+        value and a scale per row (`llminfer.kv.quantized`); "auto" keeps the model's dtype."""
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = max_model_len or config.max_position_embeddings
@@ -77,6 +81,8 @@ class LLMEngine:
         if self.max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of "
                              f"{config.max_position_embeddings} tokens")
+        code_dtype(kv_cache_dtype)   # raises for an unknown name, before anything is allocated
+        self.kv_cache_dtype = kv_cache_dtype
         param = next(model.parameters())
         self.device, dtype = param.device, param.dtype
         self.speculative_config = SpeculativeConfig.parse(speculative_config)
@@ -84,13 +90,13 @@ class LLMEngine:
         draft = load_draft_model(self.speculative_config, model)
         models = [model] if draft is None else [model, draft]
         num_blocks = size_kv_pool(models, num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization, block_size,
-                                  max_num_seqs, max_num_batched_tokens, self.max_model_len)
+                                  max_num_seqs, max_num_batched_tokens, self.max_model_len, kv_cache_dtype)
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"a KV pool of {num_blocks} blocks x {block_size} tokens holds {num_blocks * block_size} tokens, "
                 f"less than one request of max_model_len={self.max_model_len}: give it more memory or lower "
                 "max_model_len")
-        self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, dtype)
+        self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, dtype, kv_cache_dtype)
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = scheduler_cls(self.pool, max_num_seqs, max_num_batched_tokens)
         self.generator = torch.Generator(device=self.device)
@@ -102,7 +108,8 @@ class LLMEngine:
         on_cpu = self.device.type == "cpu"
         self.cpu_threads = cpu_threads if on_cpu else None
         self.thread_tuner = ThreadTuner(torch.get_num_threads()) if on_cpu and cpu_threads is None else None
-        self.proposer = (make_proposer(self.speculative_config, draft, self.pool, self.max_model_len, self.generator)
+        self.proposer = (make_proposer(self.speculative_config, draft, self.pool, self.max_model_len, self.generator,
+                                       kv_cache_dtype)
                          if self.speculative_config is not None else None)
         self.spec_stats = SpecStats()
         self.requests: dict[str, Sequence] = {}   # every unfinished sequence, by id

@@ -6,6 +6,9 @@ never exist at once. A tile may span several cache blocks: every position looks 
 the block table, so any block_size works. Both kernels give one program all the query heads that
 share a KV head (GQA): each key and value is loaded once per group, not once per head. Decode can
 also split a long context across programs and merge their partial softmaxes (flash-decoding).
+
+A quantized cache (`llminfer.kv.quantized`: one-byte codes, then each row's fp32 scale) is read by the
+same kernels with QUANT set: a tile's codes are loaded and upcast, and multiplied by their rows' scales.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from llminfer.attention.metadata import AttentionMetadata
 from llminfer.attention.reference import cache_attention
 from llminfer.kernels import cpu
+from llminfer.kv.quantized import dequantize_rows, head_dim_of, is_quantized
 
 try:
     import triton
@@ -28,7 +32,8 @@ jit = triton.jit if triton is not None else lambda fn: fn
 @jit
 def _attend_tile(q, row_max, row_sum, acc, k_cache, v_cache, block_table, kv_head, positions, in_range, visible,
                  stride_block, stride_slot, stride_head, scale,
-                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 QUANT: tl.constexpr):
     """One online-softmax step: fold the keys/values at `positions` (those `visible` to each row) into
     the running max, the running sum of exp(score - max) and the accumulator, all fp32."""
     block = tl.load(block_table + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
@@ -36,8 +41,14 @@ def _attend_tile(q, row_max, row_sum, acc, k_cache, v_cache, block_table, kv_hea
     dims = tl.arange(0, BLOCK_D)
     mask = in_range[:, None] & (dims[None, :] < HEAD_DIM)
     # Keys and values are upcast to q's dtype; fp16/bf16 dots accumulate in fp32 on the tensor cores.
-    key = tl.load(k_cache + rows[:, None] + dims[None, :], mask=mask, other=0.0).to(q.dtype)
-    value = tl.load(v_cache + rows[:, None] + dims[None, :], mask=mask, other=0.0).to(q.dtype)
+    key = tl.load(k_cache + rows[:, None] + dims[None, :], mask=mask, other=0.0)
+    value = tl.load(v_cache + rows[:, None] + dims[None, :], mask=mask, other=0.0)
+    if QUANT:   # codes times their row's scale, the 4 bytes after the row's HEAD_DIM codes
+        k_scale = tl.load((k_cache + rows + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=in_range, other=0.0)
+        v_scale = tl.load((v_cache + rows + HEAD_DIM).to(tl.pointer_type(tl.float32)), mask=in_range, other=0.0)
+        key = key.to(tl.float32) * k_scale[:, None]
+        value = value.to(tl.float32) * v_scale[:, None]
+    key, value = key.to(q.dtype), value.to(q.dtype)
     scores = tl.dot(q, tl.trans(key), input_precision=DOT_PRECISION) * scale
     scores = tl.where(visible, scores, float("-inf"))
     # Every row sees key 0 in its first tile, so row_max is finite after it and the rescale factor
@@ -56,7 +67,7 @@ def _paged_attention_decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, 
                                    stride_table, stride_block, stride_slot, stride_head, scale, num_heads, split_len,
                                    num_splits, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
     # Grid (num_seqs, num_kv_heads, num_splits). Rows of the tile are the GROUP query heads of this KV
     # head, padded to BLOCK_G >= 16 (tl.dot's minimum); padded rows compute on zeros and are never stored.
     # Split s takes positions [s * split_len, (s + 1) * split_len): flash-decoding, so a few long
@@ -80,7 +91,7 @@ def _paged_attention_decode_kernel(q, k_cache, v_cache, block_tables, seq_lens, 
         row_max, row_sum, acc = _attend_tile(q_tile, row_max, row_sum, acc, k_cache, v_cache,
                                              block_tables + seq * stride_table, kv_head, positions, in_range,
                                              in_range[None, :], stride_block, stride_slot, stride_head, scale,
-                                             BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+                                             BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_PRECISION, QUANT)
     if not SPLIT:
         tl.store(out + seq * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :],
                  (acc / row_sum[:, None]).to(out.dtype.element_ty), mask=mask)
@@ -119,7 +130,7 @@ def _paged_attention_prefill_kernel(q, k_cache, v_cache, query_start_loc, seq_le
                                     stride_block, stride_slot, stride_head, scale,
                                     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
                                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr):
     # Grid (num_seqs, query tiles, num_kv_heads). A tile holds BLOCK_Q new tokens x GROUP query heads,
     # flattened to BLOCK_R rows (row r: token r // GROUP, head r % GROUP), so GQA heads share each key load.
     seq = tl.program_id(0)
@@ -152,7 +163,7 @@ def _paged_attention_prefill_kernel(q, k_cache, v_cache, query_start_loc, seq_le
         row_max, row_sum, acc = _attend_tile(q_tile, row_max, row_sum, acc, k_cache, v_cache,
                                              block_tables + seq * stride_table, kv_head, positions, positions < kv_end,
                                              visible, stride_block, stride_slot, stride_head, scale,
-                                             BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_PRECISION)
+                                             BLOCK_SIZE, HEAD_DIM, BLOCK_D, DOT_PRECISION, QUANT)
     result = acc / row_sum[:, None]
     out_offsets = (query_start + token[:, None]).to(tl.int64) * stride_out_token + heads[:, None] * stride_out_head
     tl.store(out + out_offsets + dims[None, :], result.to(out.dtype.element_ty), mask=mask)
@@ -162,7 +173,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
     """Validate shapes; return the GQA group size, whether to take big tiles, and the constants both kernels share."""
     num_heads, head_dim = q.shape[1:]
     num_kv_heads = k_cache.shape[2]
-    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim or num_heads % num_kv_heads:
+    if (k_cache.shape != v_cache.shape or k_cache.dtype != v_cache.dtype or head_dim_of(k_cache) != head_dim
+            or num_heads % num_kv_heads):
         raise ValueError(f"paged attention: q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, "
                          f"{tuple(v_cache.shape)} (num_heads must be a multiple of num_kv_heads)")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1:
@@ -173,7 +185,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tup
     big = not q.is_cuda or (q.dtype != torch.float32 and torch.cuda.get_device_capability(q.device) >= (8, 0))
     # fp32 dots stay fp32 (not TF32) on the GPU, so fp32 results match the reference to 1e-4.
     constants = dict(BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", QUANT=is_quantized(k_cache))
     return num_heads // num_kv_heads, big, constants
 
 
@@ -256,8 +268,9 @@ def paged_attention_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     block_ids = block_tables.long()[seq_of_block, index_in_seq]
     # One block = block_size x kv_heads keys. index_select copies whole blocks (rows of a 2-D view) in one
     # piece, much faster on CPU than advanced indexing of the 4-D cache, which copies element by element.
-    keys = k_cache.view(total_blocks, -1, head_dim).index_select(0, block_ids)      # [blocks, slots x kv, d]
-    values = v_cache.view(total_blocks, -1, head_dim).index_select(0, block_ids)
+    # A quantized cache's blocks are dequantized after the copy. keys, values: [blocks, slots x kv, d].
+    keys, values = (dequantize_rows(cache.flatten(1, 3).index_select(0, block_ids).view(-1, *cache.shape[1:]))
+                    .reshape(block_ids.numel(), -1, head_dim) for cache in (k_cache, v_cache))
     # Each query head scores all keys of its block, those of the other KV heads too (num_kv_heads x the
     # arithmetic, but two plain batched matmuls); the mask keeps its own KV head and positions < seq_len.
     scores = torch.bmm(q.index_select(0, seq_of_block).float(), keys.float().transpose(1, 2)) * scale

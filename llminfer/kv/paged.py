@@ -4,30 +4,35 @@ Per layer, K and V are [num_blocks, block_size, kv_heads, head_dim]. A request d
 region; it owns a *block table*, the list of its block ids in order, and token t of the request
 lives at slot `block_table[t // block_size] * block_size + t % block_size`. Memory is claimed one
 block at a time as the sequence grows, so at most `block_size - 1` slots per request sit empty.
+With `kv_cache_dtype="int8"` or `"fp8"` each head's row holds one-byte codes and its scale
+(`llminfer.kv.quantized`), and the last dimension is head_dim + 4.
 """
 
 from __future__ import annotations
 
 import torch
 
-from llminfer.bench.roofline import kv_bytes_per_token
+from llminfer.kv.quantized import code_dtype, row_width
 from llminfer.models.config import ModelConfig
 
 CPU_KV_CACHE_BYTES = 2**30  # default pool on CPU: 1 GiB at most (on CUDA the pool is sized by profiling)
 
 
-def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of K and V for one block across all layers."""
-    return block_size * kv_bytes_per_token(config, dtype.itemsize)
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """Bytes of K and V for one block across all layers: rows of the model's `dtype`, or of codes and a scale."""
+    codes = code_dtype(kv_cache_dtype)
+    row_bytes = row_width(config.head_dim, codes) * (dtype if codes is None else codes).itemsize
+    return 2 * config.num_layers * block_size * config.num_kv_heads * row_bytes
 
 
 class PagedKVCache:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.num_blocks, self.block_size = num_blocks, block_size
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, kv_cache_dtype: str = "auto"):
+        codes = code_dtype(kv_cache_dtype)
+        shape = (config.num_layers, num_blocks, block_size, config.num_kv_heads, row_width(config.head_dim, codes))
+        self.k = torch.zeros(shape, device=device, dtype=dtype if codes is None else codes)
+        self.v = torch.zeros_like(self.k)
+        self.num_blocks, self.block_size, self.kv_cache_dtype = num_blocks, block_size, kv_cache_dtype
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V cache of one layer, shaped [num_blocks, block_size, kv_heads, head_dim]."""
@@ -60,17 +65,17 @@ def num_blocks_for(config: ModelConfig, block_size: int, dtype: torch.dtype, mem
 
 def size_kv_pool(models: list[torch.nn.Module], num_kv_blocks: int | None, memory_bytes: int | None,
                  utilization: float, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> int:
+                 max_model_len: int, kv_cache_dtype: str = "auto") -> int:
     """The number of blocks of an engine's pool: `num_kv_blocks` if given, else what `memory_bytes` holds, else
     what every sequence at full length needs, capped by what is free on a GPU (measured) or a fixed budget on
     CPU. A block holds the entries of every model in `models` (the target, and a draft model that shares its
-    block tables)."""
+    block tables), in `kv_cache_dtype`."""
     if num_kv_blocks is not None and memory_bytes is not None:
         raise ValueError("give num_kv_blocks or kv_cache_memory_bytes, not both")
     if num_kv_blocks is not None:
         return num_kv_blocks
     param = next(models[0].parameters())
-    block_bytes = sum(kv_bytes_per_block(m.config, block_size, param.dtype) for m in models)
+    block_bytes = sum(kv_bytes_per_block(m.config, block_size, param.dtype, kv_cache_dtype) for m in models)
     if memory_bytes is None:
         # Never more than every sequence at full length needs, so several small engines can share a GPU.
         full = -(-max_num_seqs * max_model_len // block_size) * block_bytes

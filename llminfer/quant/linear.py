@@ -1,8 +1,9 @@
 """Layers that replace `nn.Linear`: the weight stored in a quantized format, multiplied by a fast kernel.
 
 One class per scheme, as gpt-fast's quantization handlers: `Int8Linear` and `Int4Linear` (weight-only),
-`Fp8Linear` (weight-only), `W8A8Linear` (int8 weights and int8 activations). Each runs torch's CPU
-kernel where it applies (`forward`) and otherwise, or when asked, the plain `forward_reference`.
+`Fp8Linear` (weight-only), `W8A8Linear` (int8 weights and int8 activations). Each runs a kernel where it
+applies (`forward`: Triton on CUDA for int8 and int4, torch's CPU kernels on CPU) and otherwise, or when
+asked, the plain `forward_reference`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from llminfer.kernels.quant_matmul import (
     int8_weight_matmul,
     int8_weight_supported,
     pack_int4_for_cpu,
+)
+from llminfer.kernels.quant_matmul_triton import (
+    int4_triton_supported,
+    int4_weight_matmul_triton,
+    int8_triton_supported,
+    int8_weight_matmul_triton,
 )
 from llminfer.quant.formats import (
     Int4Weight,
@@ -84,6 +91,8 @@ class Int8Linear(QuantLinear):
         return dequantize_int8(self.weight, self.scales)
 
     def matmul(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        if fast and int8_triton_supported(x):
+            return int8_weight_matmul_triton(x, self.weight, self.scales)
         if fast and int8_weight_supported(x):
             return int8_weight_matmul(x, self.weight, self.scales)
         return super().matmul(x, fast)
@@ -102,6 +111,8 @@ class Int4Linear(QuantLinear):
         # The CPU kernel's own copy of the codes, per input dtype, made on first use: its layout depends on the
         # CPU's vector width, so it is never saved. While in use it doubles the codes' bytes in memory.
         self._cpu_operands: dict[torch.dtype, tuple | None] = {}
+        # The Triton kernels read `qweight` itself; only act-order needs a copy sorted by group, per device.
+        self._triton_operands: dict[torch.device, tuple | None] = {}
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int, symmetric: bool = True) -> Int4Linear:
@@ -115,6 +126,12 @@ class Int4Linear(QuantLinear):
         return self.int4_weight().dequantize()
 
     def matmul(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        if fast and int4_triton_supported(x, self.group_size):
+            operands = self._pack_for_triton()
+            if operands is not None:
+                order, packed = operands
+                x = x if order is None else x[:, order]
+                return int4_weight_matmul_triton(x, packed, self.scales, self.zeros, self.group_size)
         if fast and int4_cpu_supported(x, self.out_features, self.group_size):
             if x.dtype not in self._cpu_operands:
                 self._cpu_operands[x.dtype] = self._pack_for_cpu(x.dtype)
@@ -125,22 +142,43 @@ class Int4Linear(QuantLinear):
                 return int4_weight_matmul(x, packed, self.group_size, scales_and_zeros)
         return super().matmul(x, fast)
 
-    def _pack_for_cpu(self, dtype: torch.dtype) -> tuple | None:
-        """The kernel's operands (None if it cannot take this weight). The kernel needs each group's columns
-        side by side: with act-order they are not, so the columns (and x's, at run time) are sorted by group."""
+    def _codes_by_group(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(column order, codes [out, in] in that order) with each group's columns side by side, as the kernels
+        need; order None when they already are. With act-order they are not, so the columns (and x's, at run
+        time) are sorted by group. None for groups of unequal sizes: only the reference can multiply."""
         codes, order = unpack_int4(self.qweight), None
         if self.g_idx is not None:
             order = torch.argsort(self.g_idx, stable=True)
             columns = torch.arange(self.in_features, device=order.device)
             if not torch.equal(self.g_idx[order].long(), columns // self.group_size):
-                return None   # groups of unequal sizes: only the reference can multiply
+                return None
             codes = codes[:, order]
             if torch.equal(order, columns):
                 order = None   # the groups are already contiguous
+        return order, codes
+
+    def _pack_for_cpu(self, dtype: torch.dtype) -> tuple | None:
+        """The CPU kernel's operands (order, packed weight, scales_and_zeros), or None if it cannot take this weight."""
+        by_group = self._codes_by_group()
+        if by_group is None:
+            return None
+        order, codes = by_group
         return order, *pack_int4_for_cpu(codes, self.scales, self.zeros, dtype)
+
+    def _pack_for_triton(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """The Triton kernels' (column order, packed codes), or None if they cannot take this weight. Without
+        act-order that is `qweight` as stored; with it, codes sorted by group and packed again, made once."""
+        if self.g_idx is None:
+            return None, self.qweight
+        device = self.qweight.device
+        if device not in self._triton_operands:
+            by_group = self._codes_by_group()
+            self._triton_operands[device] = None if by_group is None else (by_group[0], pack_int4(by_group[1]))
+        return self._triton_operands[device]
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._cpu_operands.clear()   # the cached kernel operands belong to the old codes
+        self._triton_operands.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -31,9 +31,10 @@ def load_draft_model(config: SpeculativeConfig | None, target: torch.nn.Module) 
 
 
 def make_proposer(config: SpeculativeConfig, draft: torch.nn.Module | None, pool: BlockPool, max_model_len: int,
-                  generator: torch.Generator) -> Proposer:
-    """The proposer for `config`: n-gram lookup, or the already loaded draft model."""
+                  generator: torch.Generator, kv_cache_dtype: str = "auto") -> Proposer:
+    """The proposer for `config`: n-gram lookup, or the already loaded draft model (its cache in `kv_cache_dtype`,
+    like the target's)."""
     if config.method == "ngram":
         return NgramProposer(config.num_speculative_tokens, max_model_len, config.prompt_lookup_min,
                              config.prompt_lookup_max)
-    return DraftModelProposer(draft, pool, config.num_speculative_tokens, max_model_len, generator)
+    return DraftModelProposer(draft, pool, config.num_speculative_tokens, max_model_len, generator, kv_cache_dtype)

@@ -31,11 +31,12 @@ def check_draft_model(draft, target) -> None:
 
 class DraftModelProposer(Proposer):
     def __init__(self, model: torch.nn.Module, pool: BlockPool, num_speculative_tokens: int, max_model_len: int,
-                 generator: torch.Generator):
+                 generator: torch.Generator, kv_cache_dtype: str = "auto"):
         super().__init__(num_speculative_tokens, max_model_len)
         param = next(model.parameters())
         self.model, self.pool, self.generator = model, pool, generator
-        self.kv_cache = PagedKVCache(model.config, pool.num_blocks, pool.block_size, param.device, param.dtype)
+        self.kv_cache = PagedKVCache(model.config, pool.num_blocks, pool.block_size, param.device, param.dtype,
+                                     kv_cache_dtype)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence]) -> dict[Sequence, Draft]:

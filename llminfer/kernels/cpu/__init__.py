@@ -8,7 +8,9 @@ of a KV head, which is what PagedAttention's GPU kernel does too (chapter 6).
 The library is built with the system C compiler into `$LLMINFER_CACHE/kernels` (default
 `~/.cache/llminfer/kernels`), named by a hash of the source, the flags and the CPU, so an edit or another
 machine rebuilds it. Without OpenMP (Apple's clang) it is built single-threaded. Without a compiler, or with
-`LLMINFER_CPU_KERNEL=0`, `supports()` is False and the engine keeps the torch reference.
+`LLMINFER_CPU_KERNEL=0`, `supports()` is False and the engine keeps the torch reference. The cache may be
+fp32 or quantized (`llminfer.kv.quantized`: int8 or fp8 codes and a scale per row); each format is its own
+build of the same source.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from llminfer.environment import cache_root
+from llminfer.kv.quantized import head_dim_of
 
 SOURCE = Path(__file__).with_name("paged_attention.c")
 # -ffast-math lets gcc vectorise expf (glibc's libmvec) and reorder the dot-product sums. It is given to
@@ -37,7 +40,10 @@ LINK_FLAGS = ["-shared", "-lm"]
 # (compile, link) flags: OpenMP threads if the compiler has OpenMP, else one thread.
 THREADING = [(["-fopenmp"], ["-fopenmp"]), (["-Wno-unknown-pragmas"], [])]
 
-_libraries: dict[tuple[int, int], ctypes.CDLL] = {}
+# The cache's element type -> the kernel's KV_FORMAT.
+KV_FORMATS = {torch.float32: 0, torch.int8: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
+
+_libraries: dict[tuple[int, int, int], ctypes.CDLL] = {}
 _failure: str | None = None
 
 
@@ -88,21 +94,22 @@ def _give_up(reason: str) -> None:
     warnings.warn(f"llminfer: no CPU attention kernel ({reason}); using the torch reference", stacklevel=3)
 
 
-def load(head_dim: int, group: int) -> ctypes.CDLL | None:
-    """The kernel library for this head_dim and GQA group, built if needed; None (and one warning) when
-    no library can be built here."""
-    if (head_dim, group) in _libraries:
-        return _libraries[head_dim, group]
+def load(head_dim: int, group: int, kv_dtype: torch.dtype = torch.float32) -> ctypes.CDLL | None:
+    """The kernel library for this head_dim, GQA group and cache element type, built if needed; None (and
+    one warning) when no library can be built here."""
+    kv_format = KV_FORMATS[kv_dtype]
+    if (head_dim, group, kv_format) in _libraries:
+        return _libraries[head_dim, group, kv_format]
     if _failure is not None or _switched_off():
         return None
     compiler = compiler_path()
     if compiler is None:
         return _give_up("no C compiler found (set CC)")
-    defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}"]
+    defines = [f"-DHEAD_DIM={head_dim}", f"-DGROUP={group}", f"-DKV_FORMAT={kv_format}"]
     recipe = [SOURCE.read_text(), str(compiler), *COMPILE_FLAGS, *LINK_FLAGS, repr(THREADING), *defines, _cpu_name(),
               platform.machine()]
     key = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_attention-d{head_dim}-g{group}-{key}.so"
+    target = cache_dir() / f"paged_attention-d{head_dim}-g{group}-f{kv_format}-{key}.so"
     try:
         if not target.exists():
             _build(compiler, defines, target)
@@ -113,17 +120,18 @@ def load(head_dim: int, group: int) -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     library.llminfer_paged_attention.argtypes = [ptr] * 7 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
     library.llminfer_paged_attention.restype = ctypes.c_int
-    _libraries[head_dim, group] = library
+    _libraries[head_dim, group, kv_format] = library
     return library
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """True when the kernel runs these tensors here: fp32 on the CPU, and a library builds for the shape."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    """True when the kernel runs these tensors here: fp32 queries on the CPU over an fp32 or quantized cache,
+    and a library builds for the shape."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype not in KV_FORMATS:
         return False
-    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[1] % k_cache.shape[2]:
+    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[1] % k_cache.shape[2] or head_dim_of(k_cache) != q.shape[2]:
         return False
-    return load(q.shape[2], q.shape[1] // k_cache.shape[2]) is not None
+    return load(q.shape[2], q.shape[1] // k_cache.shape[2], k_cache.dtype) is not None
 
 
 def unavailable_reason() -> str | None:
@@ -166,7 +174,7 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          row_seq: torch.Tensor, row_len: torch.Tensor, scale: float) -> torch.Tensor:
     """Row r of q [rows, heads, head_dim] attends over the first row_len[r] cached tokens of sequence row_seq[r].
 
-    fp32 CPU tensors only; the caches are [blocks, block_size, kv_heads, head_dim] and must already hold
+    fp32 CPU queries; the caches are [blocks, block_size, kv_heads, head_dim] (fp32) or quantized and must already hold
     every key a row sees. Decode: one row per sequence, row_len = seq_len. Prefill: a row per new token,
     row_len = its position + 1.
     """
@@ -178,14 +186,16 @@ def attend_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, r
     """`paged_attention_rows` with rows already prepared (`prepare_rows`)."""
     num_rows, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads = k_cache.shape[:3]
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
-    if num_heads % num_kv_heads or k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+    for name, t, dtypes in (("q", q, (torch.float32,)), ("k_cache", k_cache, KV_FORMATS),
+                            ("v_cache", v_cache, (k_cache.dtype,))):
+        if t.dtype not in dtypes or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a CPU tensor of {' or '.join(map(str, dtypes))}, got {t.dtype} "
+                             f"on {t.device}")
+    if num_heads % num_kv_heads or k_cache.shape != v_cache.shape or head_dim_of(k_cache) != head_dim:
         raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if rows.row_seq.shape[0] != num_rows:
         raise ValueError(f"q has {num_rows} rows but the row arrays describe {rows.row_seq.shape[0]}")
-    library = load(head_dim, num_heads // num_kv_heads)
+    library = load(head_dim, num_heads // num_kv_heads, k_cache.dtype)
     if library is None:
         raise RuntimeError(f"the CPU attention kernel is unavailable: {unavailable_reason()}")
     if num_rows == 0:

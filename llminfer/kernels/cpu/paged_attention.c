@@ -11,26 +11,75 @@
  *
  * HEAD_DIM and GROUP (query heads per KV head) are compile-time constants (-DHEAD_DIM=.. -DGROUP=..),
  * one library per model shape: the compiler then unrolls the inner loops and keeps a task's queries
- * and accumulators in vector registers. Layouts (fp32, contiguous): q, out [rows, heads, HEAD_DIM];
- * caches [blocks, block_size, kv_heads, HEAD_DIM]; block_tables [seqs, table_width] (int32).
+ * and accumulators in vector registers. Layouts (contiguous): q, out [rows, heads, HEAD_DIM] fp32;
+ * caches [blocks, block_size, kv_heads, ROW]; block_tables [seqs, table_width] (int32).
+ *
+ * KV_FORMAT (default 0) is the cache's element: 0 fp32 (ROW = HEAD_DIM); or one-byte codes followed by
+ * the row's fp32 scale (ROW = HEAD_DIM + 4, `llminfer.kv.quantized`): 1 int8, 2 fp8 e4m3, 3 fp8 e5m2.
+ * A quantized row's dot product runs on the codes and is multiplied by the scale once.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if !defined(HEAD_DIM) || !defined(GROUP)
 #error "build with -DHEAD_DIM=<head_dim> -DGROUP=<query heads per KV head>"
 #endif
+#ifndef KV_FORMAT
+#define KV_FORMAT 0
+#endif
+
+#if KV_FORMAT == 0
+typedef float kv_t;
+#define ROW HEAD_DIM
+static inline float code_value(float x) { return x; }
+static inline float row_scale(const kv_t *row) { (void)row; return 1.0f; }
+#else
+#define ROW (HEAD_DIM + 4)
+static inline float row_scale(const void *row) {
+    float scale;
+    memcpy(&scale, (const uint8_t *)row + HEAD_DIM, sizeof scale);   /* the 4 bytes after the codes */
+    return scale;
+}
+#if KV_FORMAT == 1
+typedef int8_t kv_t;
+static inline float code_value(int8_t code) { return (float)code; }
+#else
+typedef uint8_t kv_t;
+#if KV_FORMAT == 2       /* fp8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits */
+#define EXP_BITS 4
+#define MAN_BITS 3
+#elif KV_FORMAT == 3     /* fp8 e5m2: sign, 5 exponent bits (bias 15), 2 mantissa bits */
+#define EXP_BITS 5
+#define MAN_BITS 2
+#else
+#error "KV_FORMAT must be 0 (fp32), 1 (int8), 2 (fp8 e4m3) or 3 (fp8 e5m2)"
+#endif
+#define BIAS ((1 << (EXP_BITS - 1)) - 1)
+/* An fp8 code as a float, by moving its fields into an fp32's bit pattern: no table, so gcc can vectorise
+ * it. Exponent 0 is subnormal: mantissa x 2^(1 - BIAS - MAN_BITS). The cache never holds NaN or infinity
+ * (codes are clamped to the largest finite value when written). */
+static inline float code_value(uint8_t code) {
+    const uint32_t exponent = (code >> MAN_BITS) & ((1u << EXP_BITS) - 1), mantissa = code & ((1u << MAN_BITS) - 1);
+    const uint32_t bits = ((exponent + 127 - BIAS) << 23) | (mantissa << (23 - MAN_BITS));
+    float normal;
+    memcpy(&normal, &bits, sizeof normal);
+    const float magnitude = exponent ? normal : (float)mantissa * ldexpf(1.0f, 1 - BIAS - MAN_BITS);
+    return code & 0x80 ? -magnitude : magnitude;
+}
+#endif
+#endif
 
 /* Blocks lie anywhere in the cache, so the hardware prefetcher, which follows addresses, cannot guess the
  * next one. While a task reads row t of a block it asks for row t of the next block in its table. */
-static inline void prefetch_row(const float *row) {
-    for (int d = 0; d < HEAD_DIM; d += 16) __builtin_prefetch(row + d);   /* 16 floats: one cache line */
+static inline void prefetch_row(const kv_t *row) {
+    for (int d = 0; d < ROW * (int)sizeof(kv_t); d += 64) __builtin_prefetch((const char *)row + d);   /* a cache line */
 }
 
 /* One task: GROUP query heads q [GROUP][HEAD_DIM] over the first len keys of one KV head. Returns 0, or
  * 2 when the block table names a block outside the cache. */
-static int attend(const float *restrict q, const float *restrict k_cache, const float *restrict v_cache,
+static int attend(const float *restrict q, const kv_t *restrict k_cache, const kv_t *restrict v_cache,
                   const int32_t *restrict table, int64_t len, int64_t block_size, int64_t num_blocks,
                   int64_t slot_stride, float scale, float *restrict scores, int64_t capacity,
                   float *restrict out) {
@@ -43,16 +92,19 @@ static int attend(const float *restrict q, const float *restrict k_cache, const 
     /* Pass 1: the scores q.k of every visible key, block by block. */
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t block = start / block_size;
-        const float *keys = k_cache + table[block] * block_size * slot_stride;
-        const float *next = start + block_size < len ? k_cache + table[block + 1] * block_size * slot_stride : keys;
+        const kv_t *keys = k_cache + table[block] * block_size * slot_stride;
+        const kv_t *next = start + block_size < len ? k_cache + table[block + 1] * block_size * slot_stride : keys;
         const int64_t n = len - start < block_size ? len - start : block_size;
         for (int64_t t = 0; t < n; t++) {
-            const float *key = keys + t * slot_stride;
+            const kv_t *key = keys + t * slot_stride;
             prefetch_row(next + t * slot_stride);
+            float k_values[HEAD_DIM];
+            for (int d = 0; d < HEAD_DIM; d++) k_values[d] = code_value(key[d]);
+            const float k_scale = row_scale(key);
             for (int g = 0; g < GROUP; g++) {
                 float dot = 0.0f;
-                for (int d = 0; d < HEAD_DIM; d++) dot += query[g][d] * key[d];
-                scores[g * capacity + start + t] = dot;
+                for (int d = 0; d < HEAD_DIM; d++) dot += query[g][d] * k_values[d];
+                scores[g * capacity + start + t] = dot * k_scale;
             }
         }
     }
@@ -72,15 +124,18 @@ static int attend(const float *restrict q, const float *restrict k_cache, const 
     float acc[GROUP][HEAD_DIM] = {{0.0f}};
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t block = start / block_size;
-        const float *values = v_cache + table[block] * block_size * slot_stride;
-        const float *next = start + block_size < len ? v_cache + table[block + 1] * block_size * slot_stride : values;
+        const kv_t *values = v_cache + table[block] * block_size * slot_stride;
+        const kv_t *next = start + block_size < len ? v_cache + table[block + 1] * block_size * slot_stride : values;
         const int64_t n = len - start < block_size ? len - start : block_size;
         for (int64_t t = 0; t < n; t++) {
-            const float *value = values + t * slot_stride;
+            const kv_t *value = values + t * slot_stride;
             prefetch_row(next + t * slot_stride);
+            float v_values[HEAD_DIM];
+            for (int d = 0; d < HEAD_DIM; d++) v_values[d] = code_value(value[d]);
+            const float v_scale = row_scale(value);
             for (int g = 0; g < GROUP; g++) {
-                const float p = scores[g * capacity + start + t];
-                for (int d = 0; d < HEAD_DIM; d++) acc[g][d] += p * value[d];
+                const float p = scores[g * capacity + start + t] * v_scale;
+                for (int d = 0; d < HEAD_DIM; d++) acc[g][d] += p * v_values[d];
             }
         }
     }
@@ -91,12 +146,12 @@ static int attend(const float *restrict q, const float *restrict k_cache, const 
 
 /* All rows x KV heads, spread over num_threads OpenMP threads. Returns 0, 1 (out of memory) or 2 (a
  * block id outside the cache). */
-int llminfer_paged_attention(const float *restrict q, const float *restrict k_cache,
-                             const float *restrict v_cache, const int32_t *restrict block_tables,
+int llminfer_paged_attention(const float *restrict q, const kv_t *restrict k_cache,
+                             const kv_t *restrict v_cache, const int32_t *restrict block_tables,
                              const int64_t *restrict row_seq, const int64_t *restrict row_len,
                              float *restrict out, int64_t num_rows, int64_t num_kv_heads, int64_t block_size,
                              int64_t num_blocks, int64_t table_width, float scale, int num_threads) {
-    const int64_t num_heads = num_kv_heads * GROUP, slot_stride = num_kv_heads * HEAD_DIM;
+    const int64_t num_heads = num_kv_heads * GROUP, slot_stride = num_kv_heads * ROW;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
@@ -118,7 +173,7 @@ int llminfer_paged_attention(const float *restrict q, const float *restrict k_ca
                 }
             }
             const int64_t head = row * num_heads + kv_head * GROUP;
-            int status = attend(q + head * HEAD_DIM, k_cache + kv_head * HEAD_DIM, v_cache + kv_head * HEAD_DIM,
+            int status = attend(q + head * HEAD_DIM, k_cache + kv_head * ROW, v_cache + kv_head * ROW,
                                 block_tables + row_seq[row] * table_width, len, block_size, num_blocks,
                                 slot_stride, scale, scores, capacity, out + head * HEAD_DIM);
             if (status != 0) {
