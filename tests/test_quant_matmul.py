@@ -13,6 +13,7 @@ from torch import nn
 
 from llminfer.kernels.quant_matmul import (
     WEIGHT_ONLY_MAX_TOKENS,
+    cpu_kernel_dtype,
     int4_cpu_supported,
     int4_weight_matmul,
     int4_weight_matmul_reference,
@@ -40,7 +41,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = tor
 @pytest.mark.parametrize("out_features,in_features", [(5, 13), (1, 3), (48, 256), (768, 256), (7, 768)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_int8_weight_kernel_matches_reference(tokens, out_features, in_features, dtype):
-    if not int8_weight_supported(torch.empty(tokens, in_features, dtype=dtype)):
+    if dtype == torch.bfloat16 and in_features % 16:
         pytest.skip("the kernel does not take this shape (bf16 needs in % 16 == 0)")
     codes, scales = quantize_int8(torch.randn(out_features, in_features))
     x = torch.randn(tokens, in_features, dtype=dtype)
@@ -62,8 +63,11 @@ def test_int4_weight_kernel_matches_reference(tokens, out_features, in_features,
 
 
 def test_weight_only_kernels_are_only_used_where_they_apply():
-    assert int8_weight_supported(torch.randn(2, 13)) and int8_weight_supported(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert int8_weight_supported(torch.randn(2, 64)) and int8_weight_supported(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert int8_weight_supported(torch.randn(2, 13, dtype=torch.float16))
     assert not int8_weight_supported(torch.randn(2, 24, dtype=torch.bfloat16))   # bf16 reads past rows of 24
+    assert not int8_weight_supported(torch.randn(2, 24))   # fp32 runs in bf16 (`cpu_kernel_dtype`)
+    assert cpu_kernel_dtype(torch.float32) == torch.bfloat16 and cpu_kernel_dtype(torch.float16) == torch.float16
     assert not int8_weight_supported(torch.randn(WEIGHT_ONLY_MAX_TOKENS + 1, 64))
     x = torch.randn(2, 64)
     assert int4_cpu_supported(x, 32, 32)
@@ -109,7 +113,8 @@ def test_quantized_layer_forward_matches_its_reference(kind, shape, out_features
     x = torch.randn(*shape, in_features, dtype=dtype)
     y = layer(x)
     assert y.shape == (*shape, out_features) and y.dtype == dtype
-    close(y, layer.forward_reference(x), dtype)
+    # The weight-only CPU kernels take fp32 activations rounded to bf16 (`cpu_kernel_dtype`): bf16's tolerance.
+    close(y, layer.forward_reference(x), cpu_kernel_dtype(dtype) if kind.startswith("int") else dtype)
     if kind != "w8a8":   # weight-only: the reference is the dequantized weight in an ordinary linear layer
         close(layer.forward_reference(x), F.linear(x.float(), layer.dequantize(), layer.bias), dtype)
 
@@ -124,9 +129,9 @@ def test_act_order_layer_reorders_inputs_for_the_kernel():
     layer = Int4Linear(scattered)
     torch.testing.assert_close(layer.dequantize(), q.dequantize()[:, order])
     x = torch.randn(3, 128)
-    assert layer._pack_for_cpu(torch.float32)[0] is not None   # the kernel path, with a column order
-    close(layer(x), layer.forward_reference(x))
-    close(layer(x), F.linear(x, q.dequantize()[:, order]))
+    assert layer._pack_for_cpu(torch.bfloat16)[0] is not None   # the kernel path, with a column order
+    close(layer(x), layer.forward_reference(x), torch.bfloat16)   # fp32 activations run in bf16
+    close(layer.forward_reference(x), F.linear(x, q.dequantize()[:, order]))
 
 
 def test_unequal_groups_fall_back_to_the_reference():
@@ -153,3 +158,17 @@ def test_loading_a_state_dict_replaces_the_kernel_operands():
     first(x)                                   # caches the kernel's packed weight
     first.load_state_dict(second.state_dict())
     close(first(x), second(x))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4 g32"])
+def test_fp32_decode_runs_the_weight_only_kernel_on_bf16_activations(kind, monkeypatch):
+    import llminfer.quant.linear as linear_module
+    seen = []
+    name = "int8_weight_matmul" if kind == "int8" else "int4_weight_matmul"
+    real = getattr(linear_module, name)
+    monkeypatch.setattr(linear_module, name, lambda x, *a: seen.append(x.dtype) or real(x, *a))
+    layer = LAYERS[kind](float_linear(64, 32, False))
+    x = torch.randn(2, 64)
+    y = layer(x)
+    assert seen == [torch.bfloat16] and y.dtype == torch.float32
+    close(y, layer.forward_reference(x), torch.bfloat16)

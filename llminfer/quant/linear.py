@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llminfer.kernels.quant_matmul import (
+    cpu_kernel_dtype,
     int4_cpu_supported,
     int4_weight_matmul,
     int8_matmul,
@@ -94,7 +95,7 @@ class Int8Linear(QuantLinear):
         if fast and int8_triton_supported(x):
             return int8_weight_matmul_triton(x, self.weight, self.scales)
         if fast and int8_weight_supported(x):
-            return int8_weight_matmul(x, self.weight, self.scales)
+            return int8_weight_matmul(x.to(cpu_kernel_dtype(x.dtype)), self.weight, self.scales).to(x.dtype)
         return super().matmul(x, fast)
 
 
@@ -133,13 +134,14 @@ class Int4Linear(QuantLinear):
                 x = x if order is None else x[:, order]
                 return int4_weight_matmul_triton(x, packed, self.scales, self.zeros, self.group_size)
         if fast and int4_cpu_supported(x, self.out_features, self.group_size):
-            if x.dtype not in self._cpu_operands:
-                self._cpu_operands[x.dtype] = self._pack_for_cpu(x.dtype)
-            operands = self._cpu_operands[x.dtype]
+            dtype = cpu_kernel_dtype(x.dtype)
+            if dtype not in self._cpu_operands:
+                self._cpu_operands[dtype] = self._pack_for_cpu(dtype)
+            operands = self._cpu_operands[dtype]
             if operands is not None:
                 order, packed, scales_and_zeros = operands
-                x = x if order is None else x[:, order]
-                return int4_weight_matmul(x, packed, self.group_size, scales_and_zeros)
+                x_in = (x if order is None else x[:, order]).to(dtype)
+                return int4_weight_matmul(x_in, packed, self.group_size, scales_and_zeros).to(x.dtype)
         return super().matmul(x, fast)
 
     def _codes_by_group(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
