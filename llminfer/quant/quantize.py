@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from llminfer.models.llama import Llama
-from llminfer.quant.awq import awq_scale_model
+from llminfer.quant.awq import awq_clip_model, awq_scale_model
 from llminfer.quant.calibration import calibration_ids, check_calibration_ids
 from llminfer.quant.formats import check_group_size
 from llminfer.quant.gptq import gptq_quantize_model
@@ -25,7 +25,7 @@ METHODS = {
     "int4": "weight-only int4, a scale per group of group_size inputs, round to nearest",
     "fp8": "weight-only fp8 (e4m3), one scale per output channel",
     "gptq": "weight-only int4 by GPTQ (needs calibration data)",
-    "awq": "weight-only int4 after AWQ's activation-aware scaling (needs calibration data)",
+    "awq": "weight-only int4 after AWQ's activation-aware scaling and clipping (needs calibration data)",
     "w8a8": "int8 weights and activations after SmoothQuant's smoothing (needs calibration data)",
 }
 GROUPED = ("int4", "gptq", "awq")
@@ -41,12 +41,12 @@ def decoder_linears(model: Llama) -> dict[str, nn.Module]:
 @torch.no_grad()
 def quantize_model(model: Llama, method: str, calibration_ids: torch.Tensor | None = None, group_size: int = 128,
                    symmetric: bool = True, act_order: bool = False, percdamp: float = 0.01,
-                   alpha: float = 0.5, grid: int = 20) -> Llama:
+                   alpha: float = 0.5, grid: int = 20, clip: bool = True) -> Llama:
     """Quantize `model`'s decoder linears with `method` (one of `METHODS`) and return the model.
 
     calibration_ids [windows, length] (see `calibration_ids()`) are needed by gptq, awq and w8a8; group_size and
     symmetric apply to the int4 methods, act_order and percdamp to gptq, alpha (migration strength) to w8a8,
-    grid (how many alphas AWQ tries) to awq."""
+    grid (how many alphas AWQ tries) and clip (whether AWQ also searches a clipping range per group) to awq."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     linears = decoder_linears(model)
@@ -62,6 +62,8 @@ def quantize_model(model: Llama, method: str, calibration_ids: torch.Tensor | No
         return model
     if method == "awq":
         awq_scale_model(model, ids, group_size, symmetric, grid)
+        if clip:
+            awq_clip_model(model, ids, group_size, symmetric)
     elif method == "w8a8":
         smooth_model(model, ids, alpha)
     build = {
