@@ -37,7 +37,12 @@ def kernel_stub(q, k_cache, v_cache, block_tables, seq_lens, out, scale, stride_
     raise NotImplementedError
 
 
-STUBS = {"paged_decode_kernel": kernel_stub}   # a kernel exercise's stub is a kernel
+@triton.jit
+def gemv_kernel_stub(x, packed, scales, zeros, out, out_features, in_features, GROUP_SIZE, BLOCK_N, BLOCK_K):
+    raise NotImplementedError
+
+
+STUBS = {"paged_decode_kernel": kernel_stub, "int4_gemv_triton": gemv_kernel_stub}   # a kernel's stub is a kernel
 
 
 def notebook_of(exercise) -> Path:
@@ -86,6 +91,20 @@ def test_an_exercise_notebook_as_shipped_loads_and_scores_nothing(notebook):
         result = grade_exercise(exercise, namespace[exercise.target])
         assert result.score == 0
         assert all("NotImplementedError" in outcome.message for outcome in result.outcomes), result.table()
+
+
+@pytest.mark.parametrize("exercise_id, name", [
+    ("int4_quantize_pack", "calls llminfer.quant's quantize_int4 and pack_int4"),
+    ("int4_unpack_dequantize", "calls llminfer.quant's Int4Weight.dequantize"),
+    ("gptq_block_update", "right, but rounds with llminfer.quant's int4_codes"),
+])
+def test_an_answer_that_calls_llminfers_quantization_code_earns_nothing_and_is_told_why(exercise_id, name):
+    # The wrong answers imported llminfer's functions before grading: the grader switches off the functions
+    # themselves, not the names under which they were imported.
+    result = grade_exercise(get_exercise(exercise_id), WRONG[exercise_id][name])
+    assert result.score == 0
+    assert all("the answer calls llminfer's llminfer.quant.formats." in o.message for o in result.outcomes), \
+        result.table()
 
 
 def hostile_mask(num_queries, num_keys):

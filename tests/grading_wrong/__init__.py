@@ -9,6 +9,7 @@ from grading_wrong import (
     performance,
     positions,
     prefix_caching,
+    quantization,
     sampling,
     scheduling,
     speculative,
@@ -17,4 +18,4 @@ from grading_wrong import (
 # exercise id -> {what is wrong: the wrong implementation}
 WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG,
          **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG, **anatomy.WRONG,
-         **speculative.WRONG}
+         **speculative.WRONG, **quantization.WRONG}
