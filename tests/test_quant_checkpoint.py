@@ -3,6 +3,7 @@ packing written out here with numpy bit operations (and by compressed-tensors' u
 the weights the model computes with; a config that contradicts its tensors is refused, naming the mismatch."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -142,3 +143,47 @@ def test_only_int4_models_can_be_saved(tmp_path):
         save_gptq(model, tmp_path, BASE)
     with pytest.raises(ValueError, match="is Int8Linear"):
         save_gptq(quantize_model(model, "int8"), tmp_path, BASE)
+
+
+def test_the_llm_loads_a_gptq_checkpoint_as_stored_and_generates_what_the_model_does(saved):
+    from llminfer import LLM, SamplingParams
+    from llminfer.quant.linear import Int4Linear
+
+    model, path = saved
+    llm = LLM(str(path), device="cpu", cpu_threads=1, max_model_len=128)
+    assert llm.quantization == "gptq"
+    assert all(isinstance(m, Int4Linear) for m in decoder_linears(llm.model).values())
+    prompt = [5, 17, 300, 2, 9]
+    got = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    want = []
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(8):   # greedy continuation by the in-memory model, the independent reference
+            want.append(int(model(ids)[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[want[-1]]])], dim=1)
+    assert got == want
+    assert LLM(str(path), device="cpu", quantization="gptq", max_model_len=128).quantization == "gptq"
+
+
+@pytest.mark.parametrize("quantization", ["int8", "awq", "w8a8"])
+def test_a_quantization_that_contradicts_the_checkpoint_is_refused(saved, quantization):
+    from llminfer import LLM
+
+    with pytest.raises(ValueError, match=f"holds GPTQ weights; quantization='{quantization}' does not match"):
+        LLM(str(saved[1]), device="cpu", quantization=quantization)
+
+
+@pytest.mark.parametrize("config,message", [({"quant_method": "awq", "bits": 4}, "is a 'awq' checkpoint"),
+                                            ({"bits": 4}, "must be an object with a quant_method"),
+                                            ("gptq", "must be an object with a quant_method")])
+def test_checkpoints_llminfer_cannot_read_are_refused_naming_the_method(saved, tmp_path, config, message):
+    from llminfer import LLM
+
+    shutil.copytree(saved[1], tmp_path / "ckpt")
+    config_path = tmp_path / "ckpt" / "config.json"
+    data = json.loads(config_path.read_text())
+    data["quantization_config"] = config
+    config_path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tmp_path / "ckpt"), device="cpu")

@@ -22,6 +22,7 @@ from llminfer.engine.outputs import RequestOutput
 from llminfer.kv.quantized import code_dtype
 from llminfer.models.loader import load_checkpoint, load_tokenizer
 from llminfer.models.registry import default_model_name, resolve_model_path
+from llminfer.quant.checkpoint import checkpoint_method, load_gptq_model
 from llminfer.quant.quantize import CALIBRATED, check_method, quantize_on_load
 from llminfer.sampling import SamplingParams
 
@@ -85,7 +86,9 @@ class LLM:
         a, "prompt_lookup_max": b} or {"model": "tiny-shakespeare-draft", "num_speculative_tokens": k}.
         `quantization` ("int8", "int4", "fp8", "gptq", "awq" or "w8a8") quantizes the decoder's linear layers
         as the model loads (`llminfer.quant.quantize_on_load`); vLLM's "gptq" and "awq" instead read weights
-        quantized beforehand. `kv_cache_dtype` ("auto", "int8", "fp8", "fp8_e4m3" or "fp8_e5m2") stores the KV
+        quantized beforehand. A checkpoint whose config.json has a GPTQ quantization_config (`save_gptq`,
+        AutoGPTQ, GPTQModel) loads as it is stored, as in vLLM; `quantization` must then be None or "gptq".
+        `kv_cache_dtype` ("auto", "int8", "fp8", "fp8_e4m3" or "fp8_e5m2") stores the KV
         cache in one byte per value with a scale per token and head (`llminfer.kv.quantized`); vLLM's fp8
         cache has one scale per tensor or head instead, and no "int8"."""
         check_vllm_arguments(tensor_parallel_size, enforce_eager, trust_remote_code, kwargs)
@@ -96,15 +99,26 @@ class LLM:
             check_method(quantization)
         self.model_name = model or default_model_name()
         path = resolve_model_path(self.model_name)
-        self.model = load_checkpoint(path, device, parse_dtype(dtype))
+        # A checkpoint quantized beforehand says so in its config.json (vLLM reads it the same way).
+        stored = checkpoint_method(path)
+        if stored is not None:
+            if stored != "gptq":
+                raise ValueError(f"{path} is a {stored!r} checkpoint; llminfer loads quantized checkpoints in GPTQ's "
+                                 "format only (quant_method 'gptq')")
+            if quantization not in (None, "gptq"):
+                raise ValueError(f"{path} holds GPTQ weights; quantization={quantization!r} does not match them "
+                                 "(pass None or 'gptq')")
+            self.model = load_gptq_model(path, device, parse_dtype(dtype))
+        else:
+            self.model = load_checkpoint(path, device, parse_dtype(dtype))
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(
             resolve_model_path(tokenizer) if tokenizer else path)
-        if quantization is not None:
+        if quantization is not None and stored is None:
             calibration_tokenizer = self.tokenizer
             if calibration_tokenizer is None and quantization in CALIBRATED:
                 calibration_tokenizer = load_tokenizer(resolve_model_path(tokenizer) if tokenizer else path)
             quantize_on_load(self.model, quantization, calibration_tokenizer)
-        self.quantization = quantization
+        self.quantization = quantization if stored is None else stored
         self.llm_engine = LLMEngine(
             self.model, self.tokenizer, block_size=block_size, num_kv_blocks=num_kv_blocks,
             kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,

@@ -86,6 +86,18 @@ def save_gptq(model: Llama, directory: str | Path, base_model: str | Path,
     return directory
 
 
+def checkpoint_method(path: str | Path) -> str | None:
+    """The quant_method of a checkpoint directory's quantization_config ("gptq", "awq", ...), or None when its
+    config.json has none (a float checkpoint)."""
+    config = read_json_object(Path(path) / "config.json").get("quantization_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict) or not isinstance(config.get("quant_method"), str):
+        raise ValueError(f"{Path(path) / 'config.json'}: quantization_config must be an object with a quant_method, "
+                         f"got {config!r:.200}")
+    return config["quant_method"]
+
+
 def read_quantization_config(path: Path) -> dict:
     """config.json's quantization_config, checked to describe 4-bit GPTQ."""
     config = read_json_object(path / "config.json").get("quantization_config")
@@ -135,6 +147,11 @@ def int4_weight_from_gptq(tensors: dict[str, torch.Tensor], name: str, in_featur
 def load_gptq(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
     """Return `(model, tokenizer)` for a GPTQ checkpoint directory: a `Llama` whose decoder linears are
     `Int4Linear`s holding the checkpoint's codes, scales and zero points."""
+    return load_gptq_model(path, device, dtype), load_tokenizer(Path(path))
+
+
+def load_gptq_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """The model of `load_gptq`, without its tokenizer."""
     path = Path(path)
     device = parse_device(device) if device is not None else default_device()
     config = read_quantization_config(path)
@@ -154,4 +171,4 @@ def load_gptq(path: str | Path, device: torch.device | str | None = None, dtype:
         load_weights(model, tensors)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
-    return model.eval(), load_tokenizer(path)
+    return model.eval()
