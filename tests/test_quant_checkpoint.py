@@ -11,8 +11,10 @@ import torch
 from safetensors.numpy import load_file
 
 from llminfer.models.loader import load_model
+from llminfer.models.registry import resolve_model_path
 from llminfer.quant import load_gptq, quantize_model, save_gptq
 from llminfer.quant.checkpoint import pack_int32, unpack_int32
+from llminfer.quant.formats import quantize_int4
 from llminfer.quant.quantize import decoder_linears
 
 BASE = "llama-tiny-random"   # hidden 64, intermediate 128, 2 layers, grouped-query attention
@@ -174,9 +176,10 @@ def test_a_quantization_that_contradicts_the_checkpoint_is_refused(saved, quanti
         LLM(str(saved[1]), device="cpu", quantization=quantization)
 
 
-@pytest.mark.parametrize("config,message", [({"quant_method": "awq", "bits": 4}, "is a 'awq' checkpoint"),
-                                            ({"bits": 4}, "must be an object with a quant_method"),
-                                            ("gptq", "must be an object with a quant_method")])
+@pytest.mark.parametrize("config,message", [
+    ({"quant_method": "bitsandbytes", "bits": 4}, "is a .bitsandbytes. checkpoint"),
+    ({"bits": 4}, "must be an object with a quant_method"),
+    ("gptq", "must be an object with a quant_method")])
 def test_checkpoints_llminfer_cannot_read_are_refused_naming_the_method(saved, tmp_path, config, message):
     from llminfer import LLM
 
@@ -187,3 +190,73 @@ def test_checkpoints_llminfer_cannot_read_are_refused_naming_the_method(saved, t
     config_path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=message):
         LLM(str(tmp_path / "ckpt"), device="cpu")
+
+
+def write_awq_checkpoint(directory, model, group_size: int):
+    """AutoAWQ's gemm layout, written here from its description, independently of llminfer's reader: qweight
+    int32 [in, out / 8] with output channel 8w + (0, 2, 4, 6, 1, 3, 5, 7)[j] in nibble j of word w, qzeros the
+    same over groups, scales [groups, out]. Returns the Int4Weight of each layer."""
+    from safetensors.torch import save_file
+
+    def pack(codes_by_output):   # uint8 [rows, out] -> int32 [rows, out / 8]
+        rows, outs = codes_by_output.shape
+        words = np.zeros((rows, outs // 8), dtype=np.uint32)
+        for j, channel in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):
+            words |= codes_by_output[:, channel::8].numpy().astype(np.uint32) << np.uint32(4 * j)
+        return torch.from_numpy(words.view(np.int32))
+
+    tensors, weights = {}, {}
+    for name, value in model.state_dict().items():
+        if not any(name.startswith(f"{layer}.") for layer in decoder_linears(model)):
+            tensors[f"model.{name}" if not name.startswith("lm_head") else name] = value.contiguous()
+    for name, linear in decoder_linears(model).items():
+        q = quantize_int4(linear.weight, group_size, symmetric=False)
+        weights[name] = q
+        tensors[f"model.{name}.qweight"] = pack(q.codes.T.contiguous())
+        tensors[f"model.{name}.qzeros"] = pack(q.zeros.T.contiguous())
+        tensors[f"model.{name}.scales"] = q.scales.T.contiguous().to(torch.float16)
+        if linear.bias is not None:
+            tensors[f"model.{name}.bias"] = linear.bias.detach().contiguous()
+    shutil.copytree(resolve_model_path(BASE), directory, dirs_exist_ok=True)
+    (directory / "model.safetensors").unlink()
+    save_file(tensors, str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True,
+                                     "version": "gemm"}
+    (directory / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def test_the_llm_loads_an_awq_gemm_checkpoint_to_the_weights_it_stores(tmp_path):
+    from llminfer import LLM
+
+    model, _ = load_model(BASE, device="cpu")
+    weights = write_awq_checkpoint(tmp_path, model, group_size=32)
+    llm = LLM(str(tmp_path), device="cpu", cpu_threads=1, max_model_len=128)
+    assert llm.quantization == "awq"
+    for name, layer in decoder_linears(llm.model).items():
+        expected = weights[name]
+        half = (expected.scales.half().float())   # the checkpoint stores fp16 scales
+        want = (expected.codes.float() - expected.zeros.repeat_interleave(32, 1).float()) \
+            * half.repeat_interleave(32, 1)
+        torch.testing.assert_close(layer.dequantize(), want, rtol=0, atol=0)
+    out = llm.generate({"prompt_token_ids": [1, 2, 3]}, use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason in ("length", "stop")
+    with pytest.raises(ValueError, match="holds AWQ weights; quantization='gptq' does not match"):
+        LLM(str(tmp_path), device="cpu", quantization="gptq")
+
+
+def test_an_awq_checkpoint_in_another_layout_or_shape_is_refused(tmp_path):
+    from llminfer import LLM
+
+    model, _ = load_model(BASE, device="cpu")
+    write_awq_checkpoint(tmp_path, model, group_size=32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["version"] = "gemv"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="only AWQ's 'gemm' layout"):
+        LLM(str(tmp_path), device="cpu")
+    config["quantization_config"].update(version="gemm", group_size=16)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="qzeros has shape"):
+        LLM(str(tmp_path), device="cpu")

@@ -87,7 +87,8 @@ class LLM:
         `quantization` ("int8", "int4", "fp8", "gptq", "awq" or "w8a8") quantizes the decoder's linear layers
         as the model loads (`llminfer.quant.quantize_on_load`); vLLM's "gptq" and "awq" instead read weights
         quantized beforehand. A checkpoint whose config.json has a GPTQ quantization_config (`save_gptq`,
-        AutoGPTQ, GPTQModel) loads as it is stored, as in vLLM; `quantization` must then be None or "gptq".
+        AutoGPTQ, GPTQModel) or an AWQ one (AutoAWQ's gemm layout) loads as it is stored, as in vLLM;
+        `quantization` must then be None or the checkpoint's method.
         `kv_cache_dtype` ("auto", "int8", "fp8", "fp8_e4m3" or "fp8_e5m2") stores the KV
         cache in one byte per value with a scale per token and head (`llminfer.kv.quantized`); vLLM's fp8
         cache has one scale per tensor or head instead, and no "int8"."""
@@ -102,13 +103,13 @@ class LLM:
         # A checkpoint quantized beforehand says so in its config.json (vLLM reads it the same way).
         stored = checkpoint_method(path)
         if stored is not None:
-            if stored != "gptq":
+            if stored not in ("gptq", "awq"):
                 raise ValueError(f"{path} is a {stored!r} checkpoint; llminfer loads quantized checkpoints in GPTQ's "
-                                 "format only (quant_method 'gptq')")
-            if quantization not in (None, "gptq"):
-                raise ValueError(f"{path} holds GPTQ weights; quantization={quantization!r} does not match them "
-                                 "(pass None or 'gptq')")
-            self.model = load_gptq_model(path, device, parse_dtype(dtype))
+                                 "and AWQ's formats only (quant_method 'gptq' or 'awq')")
+            if quantization not in (None, stored):
+                raise ValueError(f"{path} holds {stored.upper()} weights; quantization={quantization!r} does not "
+                                 f"match them (pass None or {stored!r})")
+            self.model = load_gptq_model(path, device, parse_dtype(dtype), method=stored)
         else:
             self.model = load_checkpoint(path, device, parse_dtype(dtype))
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(

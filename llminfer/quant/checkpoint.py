@@ -1,9 +1,14 @@
-"""Save and load int4 models in GPTQ's checkpoint layout, which AutoGPTQ, transformers and vLLM read.
+"""Save and load int4 models in GPTQ's checkpoint layout, which AutoGPTQ, transformers and vLLM read; load AWQ's.
 
 Per linear layer `model.layers.{i}.{name}`: `qweight` int32 [in / 8, out], eight 4-bit codes along the input
 dimension in each int32 (code 8r + j in bits 4j..4j+3 of row r); `qzeros` int32 [groups, out / 8], the zero
 points minus one (the "v1" format's convention, which readers undo), packed the same way along the outputs;
 `scales` [groups, out]; `g_idx` int32 [in], each input's group. config.json gets a `quantization_config`.
+
+AWQ's "gemm" layout (AutoAWQ; read by transformers and vLLM) packs along the *outputs* instead: `qweight` int32
+[in, out / 8] and `qzeros` int32 [groups, out / 8] hold output channel 8w + AWQ_PACK_ORDER[j] of word w in bits
+4j..4j+3 (an interleaving its CUDA kernels unpack cheaply); zero points are stored as they are; `scales`
+[groups, out]. Groups are always contiguous (AWQ has no act-order).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from llminfer.quant.linear import Int4Linear
 from llminfer.quant.quantize import decoder_linears
 
 QUANTIZED = ("qweight", "qzeros", "scales", "g_idx")
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)   # nibble j of a word holds output channel AWQ_PACK_ORDER[j] of its 8
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 
@@ -98,14 +104,20 @@ def checkpoint_method(path: str | Path) -> str | None:
     return config["quant_method"]
 
 
-def read_quantization_config(path: Path) -> dict:
-    """config.json's quantization_config, checked to describe 4-bit GPTQ."""
+def read_quantization_config(path: Path, method: str = "gptq") -> dict:
+    """config.json's quantization_config, checked to describe 4-bit GPTQ (or AWQ's gemm layout)."""
     config = read_json_object(path / "config.json").get("quantization_config")
-    if not isinstance(config, dict) or config.get("quant_method") != "gptq":
-        raise ValueError(f"{path / 'config.json'} has no quantization_config with quant_method 'gptq'")
-    if config.get("bits") != 4:
-        raise ValueError(f"quantization_config has bits={config.get('bits')!r}; only 4-bit GPTQ can be loaded")
-    for key, kind in (("group_size", int), ("desc_act", bool), ("sym", bool)):
+    if not isinstance(config, dict) or config.get("quant_method") != method:
+        raise ValueError(f"{path / 'config.json'} has no quantization_config with quant_method {method!r}")
+    if config.get("bits", config.get("w_bit")) != 4:
+        raise ValueError(f"quantization_config has bits={config.get('bits')!r}; only 4-bit {method} can be loaded")
+    if method == "awq":
+        config = {**config, "group_size": config.get("group_size", config.get("q_group_size"))}
+        if str(config.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"quantization_config has version={config.get('version')!r}; only AWQ's 'gemm' layout "
+                             "can be loaded")
+    keys = (("group_size", int), ("desc_act", bool), ("sym", bool)) if method == "gptq" else (("group_size", int),)
+    for key, kind in keys:
         if type(config.get(key)) is not kind:
             raise ValueError(f"quantization_config[{key!r}] should be a {kind.__name__}, got {config.get(key)!r}")
     if config["group_size"] <= 0:
@@ -150,21 +162,51 @@ def load_gptq(path: str | Path, device: torch.device | str | None = None, dtype:
     return load_gptq_model(path, device, dtype), load_tokenizer(Path(path))
 
 
-def load_gptq_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """The model of `load_gptq`, without its tokenizer."""
+def int4_weight_from_awq(tensors: dict[str, torch.Tensor], name: str, in_features: int, out_features: int,
+                         config: dict) -> Int4Weight:
+    """One layer's AWQ (gemm layout) tensors, checked against the layer's shape, as an `Int4Weight`."""
+    group_size = config["group_size"]
+    if in_features % group_size or out_features % 8:
+        raise ValueError(f"{name}: {in_features} inputs x {out_features} outputs do not fit AWQ's layout with "
+                         f"group_size {group_size} (inputs a multiple of it, outputs of 8)")
+    groups = in_features // group_size
+    expected = {"qweight": (in_features, out_features // 8), "qzeros": (groups, out_features // 8),
+                "scales": (groups, out_features)}
+    for key, shape in expected.items():
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"{name}.{key} is missing from the checkpoint")
+        if tuple(tensors[f"{name}.{key}"].shape) != shape:
+            raise ValueError(f"{name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, but group_size "
+                             f"{group_size} and the layer's {in_features} inputs x {out_features} outputs need {shape}")
+    # unpack_int32 gives nibble j of word w at column 8w + j; nibble j holds channel 8w + AWQ_PACK_ORDER[j].
+    order = torch.tensor(AWQ_PACK_ORDER).argsort()
+    columns = (torch.arange(out_features // 8)[:, None] * 8 + order[None, :]).flatten()
+
+    def unpack(key: str) -> torch.Tensor:
+        return unpack_int32(tensors[f"{name}.{key}"], dim=1)[:, columns.to(tensors[f"{name}.{key}"].device)]
+
+    codes, zeros = unpack("qweight").T, unpack("qzeros").T             # [out, in], [out, groups]
+    scales = tensors[f"{name}.scales"].float().T.contiguous()
+    return Int4Weight(codes.contiguous(), scales, zeros.contiguous(), group_size)
+
+
+def load_gptq_model(path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    method: str = "gptq"):
+    """The model of `load_gptq`, without its tokenizer; `method="awq"` reads AWQ's gemm layout instead."""
     path = Path(path)
     device = parse_device(device) if device is not None else default_device()
-    config = read_quantization_config(path)
+    config = read_quantization_config(path, method)
+    decode = int4_weight_from_gptq if method == "gptq" else int4_weight_from_awq
     with torch.device("meta"):
         model = Llama(ModelConfig.from_pretrained(path))
     model = model.to_empty(device=device).to(dtype or default_dtype(device))
     tensors = {name.removeprefix("model."): t.to(device) for name, t in load_state_dict(path).items()}
     for name, linear in decoder_linears(model).items():
-        weight = int4_weight_from_gptq(tensors, name, linear.in_features, linear.out_features, config)
+        weight = decode(tensors, name, linear.in_features, linear.out_features, config)
         bias = torch.zeros(linear.out_features, device=device) if f"{name}.bias" in tensors else None
         model.set_submodule(name, Int4Linear(weight, bias))   # load_weights fills the bias
         for key in QUANTIZED:
-            tensors.pop(f"{name}.{key}")
+            tensors.pop(f"{name}.{key}", None)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     try:
