@@ -126,6 +126,17 @@ def read_quantization_config(path: Path, method: str = "gptq") -> dict:
     return config
 
 
+def check_layer_tensors(tensors: dict[str, torch.Tensor], name: str, expected: dict[str, tuple], group_size: int,
+                        in_features: int, out_features: int) -> None:
+    """Raise ValueError unless each `{name}.{key}` is in the checkpoint with the shape `expected[key]`."""
+    for key, shape in expected.items():
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"{name}.{key} is missing from the checkpoint")
+        if tuple(tensors[f"{name}.{key}"].shape) != shape:
+            raise ValueError(f"{name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, but group_size "
+                             f"{group_size} and the layer's {in_features} inputs x {out_features} outputs need {shape}")
+
+
 def int4_weight_from_gptq(tensors: dict[str, torch.Tensor], name: str, in_features: int, out_features: int,
                           config: dict) -> Int4Weight:
     """One layer's GPTQ tensors, checked against the layer's shape and the quantization_config, as an `Int4Weight`."""
@@ -133,12 +144,7 @@ def int4_weight_from_gptq(tensors: dict[str, torch.Tensor], name: str, in_featur
     groups = in_features // group_size if in_features % group_size == 0 else None
     expected = {"qweight": (in_features // 8, out_features), "qzeros": (groups, out_features // 8),
                 "scales": (groups, out_features), "g_idx": (in_features,)}
-    for key, shape in expected.items():
-        if f"{name}.{key}" not in tensors:
-            raise ValueError(f"{name}.{key} is missing from the checkpoint")
-        if tuple(tensors[f"{name}.{key}"].shape) != shape:
-            raise ValueError(f"{name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, but group_size "
-                             f"{group_size} and the layer's {in_features} inputs x {out_features} outputs need {shape}")
+    check_layer_tensors(tensors, name, expected, group_size, in_features, out_features)
     codes = unpack_int32(tensors[f"{name}.qweight"], dim=0).T
     # "gptq" (v1) checkpoints store zero - 1; "gptq_v2" the zero point itself.
     offset = 0 if config.get("checkpoint_format") == "gptq_v2" else 1
@@ -172,12 +178,7 @@ def int4_weight_from_awq(tensors: dict[str, torch.Tensor], name: str, in_feature
     groups = in_features // group_size
     expected = {"qweight": (in_features, out_features // 8), "qzeros": (groups, out_features // 8),
                 "scales": (groups, out_features)}
-    for key, shape in expected.items():
-        if f"{name}.{key}" not in tensors:
-            raise ValueError(f"{name}.{key} is missing from the checkpoint")
-        if tuple(tensors[f"{name}.{key}"].shape) != shape:
-            raise ValueError(f"{name}.{key} has shape {tuple(tensors[f'{name}.{key}'].shape)}, but group_size "
-                             f"{group_size} and the layer's {in_features} inputs x {out_features} outputs need {shape}")
+    check_layer_tensors(tensors, name, expected, group_size, in_features, out_features)
     # unpack_int32 gives nibble j of word w at column 8w + j; nibble j holds channel 8w + AWQ_PACK_ORDER[j].
     order = torch.tensor(AWQ_PACK_ORDER).argsort()
     columns = (torch.arange(out_features // 8)[:, None] * 8 + order[None, :]).flatten()

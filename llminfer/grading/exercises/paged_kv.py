@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 
@@ -296,6 +297,24 @@ def _device_for(kernel) -> torch.device:
     return torch.device("cuda")
 
 
+def _launch_on(device: torch.device, launch: Callable, kernel, tensors: tuple, *extra):
+    """launch(kernel, *tensors moved to `device`, *extra), with the student's own error shown when it fails."""
+    try:
+        args = [t.to(device) for t in tensors]
+    except RuntimeError as exc:  # each test runs in a forked process, where CUDA cannot start once the parent used it
+        raise Mismatch(f"CUDA cannot start in the grader's forked process ({exc}); restart the notebook and check "
+                       "before anything uses the GPU, or set TRITON_INTERPRET=1 in the first cell to grade the "
+                       "kernel through the interpreter on the CPU") from None
+    try:
+        return launch(kernel, *args, *extra)
+    except InterpreterError as exc:  # the interpreter wraps the kernel's own exception: show that one
+        raise (exc.__cause__ or exc) from None
+    except CompilationError as exc:  # compiled, a stub's `raise` is a syntax Triton does not take
+        if isinstance(exc.node, ast.Raise) and "NotImplementedError" in ast.unparse(exc.node):
+            raise NotImplementedError from None
+        raise
+
+
 def _paged_inputs(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                   seed: int, dtype: torch.dtype):
     """A pool with more blocks than needed, every slot holding random values (stale ones included), and block
@@ -324,20 +343,7 @@ def _kernel_test(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_di
         # The reference in fp32 (fp16 matmuls are missing on some CPUs), compared at the dtype's tolerance.
         expected = paged_attention_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale,
                                                     max(seq_lens)).to(dtype)
-        try:
-            args = [t.to(device) for t in (q, k_cache, v_cache, tables, lens)]
-        except RuntimeError as exc:  # each test runs in a forked process, where CUDA cannot start once the parent used it
-            raise Mismatch(f"CUDA cannot start in the grader's forked process ({exc}); restart the notebook and check "
-                           "before anything uses the GPU, or set TRITON_INTERPRET=1 in the first cell to grade the "
-                           "kernel through the interpreter on the CPU") from None
-        try:
-            out = paged_decode(kernel, *args, scale)
-        except InterpreterError as exc:  # the interpreter wraps the kernel's own exception: show that one
-            raise (exc.__cause__ or exc) from None
-        except CompilationError as exc:  # compiled, a stub's `raise` is a syntax Triton does not take
-            if isinstance(exc.node, ast.Raise) and "NotImplementedError" in ast.unparse(exc.node):
-                raise NotImplementedError from None
-            raise
+        out = _launch_on(device, paged_decode, kernel, (q, k_cache, v_cache, tables, lens), scale)
         return expect_close(out, expected, "the output")
 
     return run

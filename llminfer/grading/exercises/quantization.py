@@ -8,91 +8,22 @@ quantization code is switched off: an answer that calls it fails, with a message
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import importlib
-import inspect
-import sys
-import types
-from collections.abc import Callable, Iterator
-
 import torch
 
 from llminfer.grading.compare import Mismatch, expect_close, expect_tensor, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
-from llminfer.grading.exercises.paged_kv import _device_for
+from llminfer.grading.exercises.paged_kv import _device_for, _launch_on
+from llminfer.grading.forbidden import library_loader, without_library
 
 try:
     import triton
     import triton.language as tl
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import InterpreterError
 except ImportError:  # Triton ships for Linux only: the kernel exercise then explains why it cannot run
     triton = tl = None
 
 CHAPTER = "chapters/optimization/18_quantization"
 INT4_MAX = 15
-
-
-# --- llminfer's quantization code, off while a test runs ------------------------------------------------------
-
-LIBRARY = ("llminfer.quant", "llminfer.kernels.quant_matmul")
-
-
-def _load_library() -> None:
-    """Import llminfer's quantization code once, in the grading process, so that every test can switch it off."""
-    for name in LIBRARY:   # the package imports all of its modules
-        importlib.import_module(name)
-
-
-def _refuse(*args, **kwargs):
-    # Runs with a library function's globals: it imports what it needs, and finds its name on its own code.
-    import sys
-
-    from llminfer.grading.compare import Mismatch
-
-    raise Mismatch(f"the answer calls llminfer's {sys._getframe().f_code.co_name}; the exercise is to write "
-                   "it yourself (llminfer's quantization code is switched off while the tests run)")
-
-
-def _library_functions() -> Iterator[types.FunctionType]:
-    """Every function and method defined in llminfer's quantization modules that are loaded."""
-    seen = set()
-    for name, module in list(sys.modules.items()):
-        if not any(name == prefix or name.startswith(prefix + ".") for prefix in LIBRARY):
-            continue
-        for value in list(vars(module).values()):
-            members = list(vars(value).values()) if isinstance(value, type) and value.__module__ == name else [value]
-            for member in members:
-                member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
-                member = inspect.unwrap(member) if callable(member) else member   # under @torch.no_grad()
-                if (isinstance(member, types.FunctionType) and member.__module__ == name
-                        and not member.__code__.co_freevars and member not in seen):
-                    seen.add(member)
-                    yield member
-
-
-@contextlib.contextmanager
-def _library_switched_off() -> Iterator[None]:
-    """Inside, each library function raises Mismatch. Its code is swapped, not its module attribute, so a name
-    imported earlier (`from llminfer.quant.formats import pack_int4`) is switched off too."""
-    saved = {}
-    for function in _library_functions():
-        saved[function] = function.__code__
-        function.__code__ = _refuse.__code__.replace(co_name=f"{function.__module__}.{function.__qualname__}")
-    try:
-        yield
-    finally:
-        for function, code in saved.items():
-            function.__code__ = code
-
-
-def _without_library(run: Callable[[object], str]) -> Callable[[object], str]:
-    def guarded(answer) -> str:
-        with _library_switched_off():
-            return run(answer)
-
-    return guarded
+LIBRARY = ("llminfer.quant", "llminfer.kernels.quant_matmul")   # switched off while a test runs
 
 
 # --- group-wise int4: the references --------------------------------------------------------------------------
@@ -417,20 +348,7 @@ def _gemv_test(tokens: int, out_features: int, in_features: int, group_size: int
         x = torch.randn(tokens, in_features, generator=seeded(seed + 1)).to(dtype)
         weight = reference_dequantize_int4_packed(packed, scales, zeros, group_size)
         expected = (x.double() @ weight.double().T).to(dtype)
-        try:
-            args = [t.to(device) for t in (x, packed, scales, zeros)]
-        except RuntimeError as exc:  # a forked test process cannot start CUDA once the parent has used it
-            raise Mismatch(f"CUDA cannot start in the grader's forked process ({exc}); restart the notebook and check "
-                           "before anything uses the GPU, or set TRITON_INTERPRET=1 in the first cell to grade the "
-                           "kernel through the interpreter on the CPU") from None
-        try:
-            out = int4_gemv(kernel, *args, group_size)
-        except InterpreterError as exc:  # the interpreter wraps the kernel's own exception: show that one
-            raise (exc.__cause__ or exc) from None
-        except CompilationError as exc:  # compiled, a stub's `raise` is a syntax Triton does not take
-            if isinstance(exc.node, ast.Raise) and "NotImplementedError" in ast.unparse(exc.node):
-                raise NotImplementedError from None
-            raise
+        out = _launch_on(device, int4_gemv, kernel, (x, packed, scales, zeros), group_size)
         return expect_close(out, expected, "the output")
 
     return run
@@ -449,7 +367,10 @@ GEMV_TESTS = (
 
 
 def _guarded(tests: tuple[ExerciseTest, ...]) -> tuple[ExerciseTest, ...]:
-    return tuple(ExerciseTest(t.name, t.points, _without_library(t.run), t.visible) for t in tests)
+    return tuple(ExerciseTest(t.name, t.points, without_library(LIBRARY, t.run), t.visible) for t in tests)
+
+
+_load_library = library_loader(LIBRARY)
 
 
 EXERCISES = [
