@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from llminfer.bench.serve import add_parser as add_bench_serve_parser
 from llminfer.grading.cli import add_grade_parser
 
 
@@ -113,6 +114,19 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from llminfer.serve.server import serve
+
+    spec = None if args.speculative_config is None else _json_object(args.speculative_config, "--speculative-config")
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          log_level=args.log_level, device=args.device, dtype=args.dtype, seed=args.seed,
+          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+          block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
+          enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
+          quantization=args.quantization, speculative_config=spec)
+    return 0
+
+
 def _env(args: argparse.Namespace) -> int:
     from llminfer.environment import report
 
@@ -186,6 +200,26 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--device", default="cpu")
     qp.add_argument("--json", default=None, help="write the result, with the machine, to this file")
     qp.set_defaults(run=_bench_quant)
+    add_bench_serve_parser(bench)
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (vLLM's `vllm serve`)")
+    srv.add_argument("model", nargs="?", default="tiny-shakespeare", help="shipped name, local directory or Hub id")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: MODEL)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--device", default=None)
+    srv.add_argument("--dtype", default="auto")
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    srv.add_argument("--block-size", type=int, default=16)
+    srv.add_argument("--num-kv-blocks", type=int, default=None)
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--no-enable-prefix-caching", action="store_true")
+    srv.add_argument("--kv-cache-dtype", default="auto")
+    srv.add_argument("--quantization", default=None)
+    srv.add_argument("--speculative-config", default=None, help="vLLM's JSON, as for `generate`")
+    srv.set_defaults(run=_serve)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
     env.set_defaults(run=_env)
     add_grade_parser(sub)

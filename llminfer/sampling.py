@@ -5,6 +5,15 @@ temperature, top-k, top-p, min-p and a draw. Each transform maps logits to logit
 tokens with -inf, so the chapters can show what each one does to the distribution. Stop strings are
 checked on the decoded text, logprobs on the raw logits.
 
+The order of the truncations is llminfer's own: top-k, then top-p, then min-p (`process_logits`). vLLM's V1
+sampler (vllm/v1/sample/sampler.py) also starts with temperature, but then applies min-p, its built-in
+argmax-invariant logits processor, before top-k and top-p. With only one of them set the order is moot, and
+min-p commutes with top-k; it matters when min-p and top-p are combined. Min-p compares each probability with
+the largest one, a ratio that renormalising does not change, so applied last (here) it keeps exactly the
+tokens that it and top-p would each keep on their own. Applied first (vLLM), it removes the tail before top-p
+sums the probabilities, so the kept tokens reach p sooner and top-p may keep fewer: for probabilities
+(0.5, 0.3, 0.1, 0.1), min_p=0.25 and top_p=0.6, llminfer keeps the first two tokens and vLLM only the first.
+
 Every field is checked when the object is built and again when a request is submitted (`validate`),
 because an object can be changed after it was built; a bad value raises ValueError naming it.
 """
@@ -213,7 +222,9 @@ def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """All of the transforms of `params`, in order (for a non-greedy request)."""
+    """All of the transforms of `params`, in order (for a non-greedy request): temperature, top-k, top-p,
+    min-p. vLLM V1 applies min-p before top-k and top-p; the module docstring says when that changes the
+    result."""
     logits = apply_temperature(logits.float(), params.temperature)
     logits = apply_top_k(logits, params.top_k)
     logits = apply_top_p(logits, params.top_p)

@@ -387,8 +387,7 @@ def test_vllm_engine_arguments_are_honoured_or_refused_with_their_meaning():
         LLM("tiny-shakespeare", colour="blue")
     with pytest.raises(ValueError, match="enforce_eager must be a bool, got 'yes'"):
         LLM("tiny-shakespeare", enforce_eager="yes")
-    with pytest.raises(NotImplementedError, match="LLM.chat needs the model's chat template"):
-        fine.chat([{"role": "user", "content": "hi"}])
+    assert fine.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)[0].prompt == "ROMEO:\nhi\n\nJULIET:\n"
 
 
 # --- the CPU thread policy ------------------------------------------------------------------------------------

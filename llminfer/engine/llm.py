@@ -13,10 +13,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from llminfer.chat import render_conversations
 from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
 from llminfer.kv.quantized import code_dtype
@@ -129,6 +131,7 @@ class LLM:
         self._lock = threading.Lock()            # one engine step (or submission) at a time
         self._owned: set[str] = set()            # ids submitted by generate() calls still waiting for them
         self._done: dict[str, RequestOutput] = {}  # finished outputs, until their call picks them up
+        self.served_by = None                    # an AsyncLLM now driving this engine (llminfer.serve)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -138,9 +141,18 @@ class LLM:
         with self._lock:
             return self.llm_engine.reset_prefix_cache()
 
-    def chat(self, *args, **kwargs):
-        raise NotImplementedError("LLM.chat needs the model's chat template, which comes with llminfer's serving "
-                                  "work; until then format the conversation yourself and call generate()")
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool | Callable[..., tqdm] = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Answer one conversation (a list of OpenAI-style messages) or a list of them, as vLLM's `LLM.chat`:
+        each is rendered by the chat template (`llminfer.chat.render_chat`), then run by `generate`."""
+        prompts = render_conversations(self.tokenizer, messages, chat_template=chat_template,
+                                       add_generation_prompt=add_generation_prompt,
+                                       continue_final_message=continue_final_message,
+                                       chat_template_kwargs=chat_template_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def generate(self, prompts: str | dict | list[str | dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -148,6 +160,9 @@ class LLM:
         """Run every prompt to completion; outputs come back in the order of the prompts.
 
         `use_tqdm` may be a tqdm-like callable, as in vLLM. A malformed batch submits nothing."""
+        if self.served_by is not None and self.served_by.is_running:
+            raise RuntimeError("this LLM's engine is being served by an AsyncLLM, which steps it from its own "
+                               "thread; submit through the AsyncLLM, or shut it down first")
         prompts, sampling_params = self._check_batch(prompts, sampling_params)
         engine, ids, done, bar = self.llm_engine, [], {}, None
         try:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llminfer.chat import SHAKESPEARE_CHAT_TEMPLATE
 from llminfer.datasets import tinyshakespeare_text, train_val_split
 from llminfer.eval import nats_per_char
 
@@ -224,10 +225,12 @@ def train(name: str, out_dir: Path, steps: int | None = None, preset: Preset | N
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    # Name the generic fast-tokenizer class so that transformers 4.x and 5.x both load it.
+    # Name the generic fast-tokenizer class so that transformers 4.x and 5.x both load it, and add the chat
+    # template that stages a conversation as a scene (llminfer.chat).
     tok_config = out_dir / "tokenizer_config.json"
-    tok_settings = {**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}
-    tok_config.write_text(json.dumps(tok_settings, indent=2) + "\n")
+    tok_settings = {**json.loads(tok_config.read_text()), "tokenizer_class": "PreTrainedTokenizerFast",
+                    "chat_template": SHAKESPEARE_CHAT_TEMPLATE}
+    tok_config.write_text(json.dumps(tok_settings, indent=2, sort_keys=True) + "\n")
     model.generation_config.save_pretrained(out_dir)
 
     # The card reports the loss of the weights as shipped (bf16), reloaded by transformers.
