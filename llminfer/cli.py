@@ -8,6 +8,8 @@ import sys
 
 from llminfer.bench.serve import add_parser as add_bench_serve_parser
 from llminfer.grading.cli import add_grade_parser
+from llminfer.serve.batch import add_engine_arguments
+from llminfer.serve.batch import add_parser as add_run_batch_parser
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -115,15 +117,11 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from llminfer.serve.batch import engine_kwargs
     from llminfer.serve.server import serve
 
-    spec = None if args.speculative_config is None else _json_object(args.speculative_config, "--speculative-config")
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          log_level=args.log_level, device=args.device, dtype=args.dtype, seed=args.seed,
-          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-          block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, max_model_len=args.max_model_len,
-          enable_prefix_caching=not args.no_enable_prefix_caching, kv_cache_dtype=args.kv_cache_dtype,
-          quantization=args.quantization, speculative_config=spec)
+          log_level=args.log_level, **engine_kwargs(args))
     return 0
 
 
@@ -207,19 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: MODEL)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    srv.add_argument("--device", default=None)
-    srv.add_argument("--dtype", default="auto")
-    srv.add_argument("--seed", type=int, default=0)
-    srv.add_argument("--max-num-seqs", type=int, default=256)
-    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    srv.add_argument("--block-size", type=int, default=16)
-    srv.add_argument("--num-kv-blocks", type=int, default=None)
-    srv.add_argument("--max-model-len", type=int, default=None)
-    srv.add_argument("--no-enable-prefix-caching", action="store_true")
-    srv.add_argument("--kv-cache-dtype", default="auto")
-    srv.add_argument("--quantization", default=None)
-    srv.add_argument("--speculative-config", default=None, help="vLLM's JSON, as for `generate`")
+    add_engine_arguments(srv)
     srv.set_defaults(run=_serve)
+    add_run_batch_parser(sub)
     env = sub.add_parser("env", help="check dependencies, the device and how Triton kernels would run")
     env.set_defaults(run=_env)
     add_grade_parser(sub)

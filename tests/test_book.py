@@ -66,7 +66,8 @@ def test_listings_point_at_existing_objects(page):
         module = (page.parent / path).resolve()
         assert module.is_file(), f"{page.name}: {path} does not exist"
         tree = ast.parse(module.read_text())
-        defined = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, kinds)}
         assert name.split(".")[-1] in defined, f"{page.name}: {name} is not defined in {path}"
 
 

@@ -110,6 +110,20 @@ def test_concurrent_streams_equal_the_offline_engine(llm):
             assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), texts   # a stream only grows
 
 
+def test_final_only_yields_one_finished_output(llm):
+    engine = AsyncLLM.from_llm(llm)
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=20, n=2, stop=["\n\n"])
+    try:
+        async def main():
+            return [o async for o in engine.generate("ROMEO:\n", params, final_only=True)]
+        outputs = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    expected = llm.generate("ROMEO:\n", params, use_tqdm=False)[0]
+    assert len(outputs) == 1 and outputs[0].finished
+    assert [c.text for c in outputs[0].outputs] == [c.text for c in expected.outputs]
+
+
 def test_leaving_a_stream_early_aborts_it_and_frees_its_blocks(llm):
     engine = AsyncLLM.from_llm(llm)
     try:

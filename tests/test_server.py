@@ -4,11 +4,7 @@ blocks, /metrics parses, SIGTERM drains. Every loop here is bounded in count and
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -19,54 +15,17 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from llminfer import LLM, SamplingParams
+from llminfer.serve.launch import ServerProcess
 
 MODEL = "tiny-shakespeare"
 PROMPTS = ["ROMEO:\n", "JULIET:\nO Romeo, Romeo", "First Citizen:\nBefore we proceed", "KING HENRY:\n"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "llminfer.cli", "serve", MODEL, "--host", "127.0.0.1",
-                             "--port", str(port), "--device", "cpu", "--log-level", "warning", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "NO_PROXY": "127.0.0.1"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.kill()
-    raise RuntimeError("the server did not come up within 180 s")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    """SIGTERM; True when the server drained and exited as uvicorn does (it re-raises the signal it caught,
-    so the exit status is -SIGTERM, or 0)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60) in (0, -signal.SIGTERM)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
-
-
 @pytest.fixture(scope="module")
 def server():
-    proc, url = start_server("--num-kv-blocks", "256")
-    yield url
-    assert stop_server(proc)
+    process = ServerProcess(MODEL, "--device", "cpu", "--num-kv-blocks", "256")
+    yield process.url
+    assert process.stop()
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +232,10 @@ def test_metrics_parse_and_count(server, client):
 
 
 def test_sigterm_lets_running_requests_finish():
-    proc, url = start_server()
+    server = ServerProcess(MODEL, "--device", "cpu")
+    proc = server.proc
     try:
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+        with httpx.stream("POST", f"{server.url}/v1/completions", timeout=60,
                           json={"prompt": "ROMEO:\n", "max_tokens": 120, "ignore_eos": True, "stream": True}) as r:
             lines = r.iter_lines()
             first = next(lines)

@@ -32,7 +32,7 @@ def _refuse(*args, **kwargs):
     from llminfer.grading.compare import Mismatch
 
     raise Mismatch(f"the answer calls llminfer's {sys._getframe().f_code.co_name}; the exercise is to write "
-                   "it yourself (llminfer's quantization code is switched off while the tests run)")
+                   "it yourself (llminfer's own version is switched off while the tests run)")
 
 
 def library_functions(prefixes: tuple[str, ...]) -> Iterator[types.FunctionType]:

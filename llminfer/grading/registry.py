@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import re
 from functools import cache
 
 from llminfer.grading import exercises as _package
@@ -26,7 +27,13 @@ def all_exercises() -> dict[str, Exercise]:
                                  f"{exercise.target!r}; the grader finds an answer by its name, so names must differ")
             found[exercise.id] = exercise
             targets[exercise.target] = exercise.id
-    return dict(sorted(found.items(), key=lambda item: item[1].chapter))
+    return dict(sorted(found.items(), key=lambda item: chapter_number(item[1].chapter)))
+
+
+def chapter_number(chapter: str) -> tuple[int, str]:
+    """The book's order: "chapters/deployment/11_serving" -> (11, ...); the folder names do not sort by part."""
+    digits = re.match(r"\d+", chapter.rsplit("/", 1)[-1])
+    return (int(digits.group()) if digits else 0, chapter)
 
 
 def get_exercise(exercise_id: str) -> Exercise:

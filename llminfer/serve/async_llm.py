@@ -40,6 +40,7 @@ class _Add:
     params: SamplingParams
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    final_only: bool = False
 
 
 @dataclass
@@ -81,9 +82,11 @@ class AsyncLLM:
         return self._thread.is_alive()
 
     async def generate(self, prompt: str | dict, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as they change, the last one with `finished=True`.
-        Invalid parameters raise ValueError before anything is yielded."""
+        Invalid parameters raise ValueError before anything is yielded. `final_only` (vLLM's FINAL_ONLY
+        output kind) yields only the finished output: a caller that will not stream saves the per-step
+        hand-over and the incremental detokenisation."""
         if not self.is_running:
             raise EngineDeadError(f"the engine thread has stopped: {self._error!r}")
         params = sampling_params or SamplingParams()
@@ -94,7 +97,7 @@ class AsyncLLM:
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, outputs, loop))
+        self._commands.put(_Add(request_id, prompt, params, outputs, loop, final_only))
         detokenizers: list[IncrementalDetokenizer] = []
         finished = False
         try:
@@ -169,8 +172,7 @@ class AsyncLLM:
                             self.on_step(engine, outputs)
                         except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop serving
                             self.on_step_error = exc
-                    for output in outputs:
-                        self._deliver(output)
+                    self._deliver(outputs)
         except BaseException as exc:  # noqa: BLE001 - the engine itself broke: every caller must hear it
             self._error = exc
             self._abort_all(f"the engine failed: {type(exc).__name__}: {exc}")
@@ -189,16 +191,23 @@ class AsyncLLM:
             return
         self._streams[command.request_id] = command
 
-    def _deliver(self, output: RequestOutput) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is None:
-            return
-        if output.finished:
-            del self._streams[output.request_id]
-        try:
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, output)
-        except RuntimeError:   # the caller's event loop is closed: nobody is listening any more
-            self.engine.abort(output.request_id)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand each output to its caller's queue: one wake-up of each caller's event loop per step, not one per
+        output (a cross-thread call writes to the loop's self-pipe, and a step can carry hundreds of outputs)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None or (stream.final_only and not output.finished):
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream.outputs, output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:   # the caller's event loop is closed: nobody is listening any more
+                for _, output in items:
+                    self.engine.abort(output.request_id)
 
     def _abort_all(self, reason: str) -> None:
         for request_id, stream in list(self._streams.items()):
@@ -208,6 +217,11 @@ class AsyncLLM:
             except RuntimeError:
                 pass
         self._streams.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, output in items:
+        outputs.put_nowait(output)
 
 
 def wait_idle(engine: LLMEngine, timeout: float = 10.0) -> bool:

@@ -116,14 +116,16 @@ class OpenAIServing:
 
     # --- running requests -------------------------------------------------------------------------------------------
 
-    async def run(self, prompts: list[Prompt], params: SamplingParams, request_id: str) -> AsyncIterator[tuple]:
-        """Run every prompt concurrently; yield (prompt index, output) as outputs arrive. Leaving early
-        (or an error) aborts all of them."""
+    async def run(self, prompts: list[Prompt], params: SamplingParams, request_id: str,
+                  final_only: bool = False) -> AsyncIterator[tuple]:
+        """Run every prompt concurrently; yield (prompt index, output) as outputs arrive (only the finished
+        ones with `final_only`). Leaving early (or an error) aborts all of them."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def one(i: int, prompt: Prompt) -> None:
             try:
-                async for output in self.engine.generate(prompt.engine_prompt(), params, f"{request_id}-{i}"):
+                async for output in self.engine.generate(prompt.engine_prompt(), params, f"{request_id}-{i}",
+                                                         final_only):
                     await queue.put((i, output))
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 await queue.put((i, exc))
@@ -150,15 +152,17 @@ class OpenAIServing:
         """The finished outputs, in prompt order; the requests are aborted if the client disconnects."""
         async def collect() -> list[RequestOutput]:
             final: dict[int, RequestOutput] = {}
-            async for i, output in self.run(prompts, params, request_id):
-                if output.finished:
-                    final[i] = output
+            async for i, output in self.run(prompts, params, request_id, final_only=True):
+                final[i] = output
             return [final[i] for i in range(len(prompts))]
 
         work = asyncio.create_task(collect())
         gone = asyncio.create_task(wait_for_disconnect(http_request))
         try:
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:   # our own caller gave up: the requests must not run on
+            work.cancel()
+            raise
         finally:
             gone.cancel()
         if work not in done:   # the client left: cancelling `work` aborts its requests
@@ -454,6 +458,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | None = None, metrics: S
         metrics.update_gauges(engine.engine)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    from llminfer.serve.batch import batch_router  # here, not at the top: batch.py imports this module
+    app.include_router(batch_router(serving))
     return app
 
 

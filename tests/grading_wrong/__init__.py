@@ -12,10 +12,11 @@ from grading_wrong import (
     quantization,
     sampling,
     scheduling,
+    serving,
     speculative,
 )
 
 # exercise id -> {what is wrong: the wrong implementation}
 WRONG = {**sampling.WRONG, **attention.WRONG, **positions.WRONG, **kv_cache.WRONG, **performance.WRONG,
          **paged_kv.WRONG, **batching.WRONG, **scheduling.WRONG, **prefix_caching.WRONG, **anatomy.WRONG,
-         **speculative.WRONG, **quantization.WRONG}
+         **speculative.WRONG, **quantization.WRONG, **serving.WRONG}

@@ -1,0 +1,167 @@
+"""Benchmark: the HTTP server against the offline engine on the same requests, and what a request pays at low load.
+
+    python benchmarks/serving.py --out benchmarks/results/cpu
+
+1. Saturation. The same requests (corpus prompts, exact output lengths, greedy, `ignore_eos`) go to the offline
+   `LLM.generate` in this process and, all at once, to `llminfer serve` in a child process, streamed (through
+   `llminfer bench serve`'s client, an event per token) and as whole answers. Each repeat draws a new request
+   set (so no run is helped by the prefix cache of the one before) and runs all three, in rotating order.
+   Reported: output tokens/s of each, the server's share of the offline throughput, and the CPU seconds the
+   client (this process) and the server process used, since on a small machine they share the cores.
+2. Low load. One request at a time: the client's time to first token for a prompt of `--ttft-prompt-len`
+   tokens and one output token, beside the two parts it should be made of: the engine's prefill step for
+   that prompt (the offline engine's step trace) and an HTTP round trip to the same server (GET /health).
+
+Writes `serving.json`.
+"""
+
+import argparse
+import asyncio
+import os
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+from llminfer import LLM, SamplingParams
+from llminfer.bench.record import save_result, summarize
+from llminfer.bench.serve import BenchRequest, benchmark, build_requests, parse_range
+from llminfer.datasets import tinyshakespeare_text
+from llminfer.serve.launch import ServerProcess
+
+MODEL = "tiny-shakespeare"
+
+
+def offline_run(llm: LLM, requests: list[BenchRequest]) -> dict:
+    params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True, detokenize=True)
+              for r in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds}
+
+
+def server_run(url: str, requests: list[BenchRequest], stream: bool = True) -> dict:
+    """All requests at once through the server: streamed (`llminfer bench serve`'s client, an event per token)
+    or not (one JSON answer per request)."""
+    if stream:
+        results, seconds = asyncio.run(benchmark(url, MODEL, requests, [0.0] * len(requests), None, 600.0))
+        failed = [r.error for r in results if not r.success]
+        tokens = sum(r.output_tokens or 0 for r in results)
+    else:
+        async def whole() -> tuple[list, float]:
+            async with httpx.AsyncClient(trust_env=False, timeout=600,
+                                         limits=httpx.Limits(max_connections=None)) as client:
+                start = time.perf_counter()
+                answers = await asyncio.gather(*[client.post(f"{url}/v1/completions", json={
+                    "model": MODEL, "prompt": r.prompt, "max_tokens": r.output_len, "temperature": 0,
+                    "ignore_eos": True}) for r in requests], return_exceptions=True)
+                return answers, time.perf_counter() - start
+
+        answers, seconds = asyncio.run(whole())
+        ok = [a for a in answers if isinstance(a, httpx.Response) and a.status_code == 200]
+        failed = [repr(a)[:200] for a in answers if a not in ok]
+        tokens = sum(a.json()["usage"]["completion_tokens"] for a in ok)
+    return {"seconds": seconds, "output_tokens": tokens, "output_tokens_per_s": tokens / seconds,
+            "failed": len(failed), "errors": sorted(set(failed))[:3]}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def low_load(llm: LLM, url: str, tokenizer, prompt_len: int, count: int) -> dict:
+    """Client TTFT one request at a time, the engine's prefill step for the same prompts, and an HTTP round trip."""
+    requests = build_requests(tokenizer, tinyshakespeare_text(), "random", count, (prompt_len, prompt_len),
+                              (1, 1), 0, 1, seed=123)
+    ttft = []
+    for request in requests:
+        (result,), _ = asyncio.run(benchmark(url, MODEL, [request], [0.0], None, 60.0))
+        if result.success:
+            ttft.append(result.ttft)
+    llm.reset_prefix_cache()
+    engine = llm.llm_engine
+    prefill = []
+    for request in requests:
+        before = len(engine.trace)
+        llm.generate(request.prompt, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        prefill.extend(step.duration for step in engine.trace[before:])
+        llm.reset_prefix_cache()
+    with httpx.Client(trust_env=False) as client:
+        client.get(f"{url}/health")
+        round_trips = []
+        for _ in range(50):
+            start = time.perf_counter()
+            client.get(f"{url}/health")
+            round_trips.append(time.perf_counter() - start)
+    ms = {name: statistics.median(values) * 1e3 for name, values in
+          (("ttft", ttft), ("prefill_step", prefill), ("http_round_trip", round_trips))}
+    return {"prompt_len": prompt_len, "requests": count, "median_ms": ms,
+            "overhead_ms": ms["ttft"] - ms["prefill_step"] - ms["http_round_trip"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", default="16:256")
+    parser.add_argument("--output-len", default="16:256")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ttft-prompt-len", type=int, default=128)
+    parser.add_argument("--ttft-requests", type=int, default=30)
+    parser.add_argument("--out", default="benchmarks/results/cpu")
+    args = parser.parse_args()
+    input_len, output_len = parse_range(args.input_len, "--input-len"), parse_range(args.output_len, "--output-len")
+
+    llm = LLM(MODEL, device="cpu")
+    tokenizer = llm.get_tokenizer()
+    server = ServerProcess(MODEL, "--device", "cpu")
+    try:
+        warm = build_requests(tokenizer, tinyshakespeare_text(), "random", 16, input_len, (8, 8), 0, 1, seed=999)
+        offline_run(llm, warm)
+        server_run(server.url, warm)
+        runs = {"offline": [], "server": [], "server_whole": []}
+        for repeat in range(args.repeats):
+            requests = build_requests(tokenizer, tinyshakespeare_text(), "random", args.num_prompts, input_len,
+                                      output_len, 0, 1, seed=repeat)
+            order = list(runs)[repeat % 3:] + list(runs)[:repeat % 3]   # rotate who goes first
+            for name in order:
+                client_cpu, server_cpu = time.process_time(), cpu_seconds(server.proc.pid)
+                if name == "offline":
+                    run = offline_run(llm, requests)
+                else:
+                    run = server_run(server.url, requests, stream=name == "server")
+                    run["cpu_seconds"] = {"client": time.process_time() - client_cpu,
+                                          "server": cpu_seconds(server.proc.pid) - server_cpu}
+                runs[name].append(run)
+                print(f"repeat {repeat} {name:12} {run['output_tokens_per_s']:8.1f} output tokens/s "
+                      f"({run['output_tokens']} tokens in {run['seconds']:.2f} s)", flush=True)
+        ttft = low_load(llm, server.url, tokenizer, args.ttft_prompt_len, args.ttft_requests)
+    finally:
+        server.stop()
+
+    def median(name: str) -> float:
+        return statistics.median(r["output_tokens_per_s"] for r in runs[name])
+
+    result = {
+        "model": MODEL, "num_prompts": args.num_prompts, "input_len": list(input_len), "output_len": list(output_len),
+        "repeats": args.repeats,
+        "saturation": {name: {"output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in runs[name]]),
+                              "runs": runs[name]} for name in runs},
+        "server_over_offline": median("server") / median("offline"),
+        "server_whole_over_offline": median("server_whole") / median("offline"),
+        "low_load": ttft,
+    }
+    print(f"server / offline output throughput: streamed {result['server_over_offline']:.3f}, "
+          f"whole answers {result['server_whole_over_offline']:.3f}")
+    print(f"low load, {ttft['prompt_len']}-token prompts: TTFT {ttft['median_ms']['ttft']:.2f} ms = prefill step "
+          f"{ttft['median_ms']['prefill_step']:.2f} ms + HTTP round trip {ttft['median_ms']['http_round_trip']:.2f} "
+          f"ms + {ttft['overhead_ms']:.2f} ms")
+    save_result("serving", result, Path(args.out) / "serving.json")
+
+
+if __name__ == "__main__":
+    main()
