@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, stop: Sequence[str] = (), min_tokens: int = 0):
         self.tokenizer = tokenizer
+        self.decode = _fast_decode(tokenizer)
         self.holdback = max((len(s) for s in stop), default=1) - 1   # a stop string's longest proper prefix
         self.min_tokens = min_tokens if stop else 0
         self.token_ids: list[int] = []
@@ -48,8 +49,8 @@ class IncrementalDetokenizer:
 
     def _decode_newest(self) -> None:
         ids = self.token_ids
-        before = self.tokenizer.decode(ids[self.prefix_offset:self.read_offset])
-        after = self.tokenizer.decode(ids[self.prefix_offset:])
+        before = self.decode(ids[self.prefix_offset:self.read_offset])
+        after = self.decode(ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT):
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(ids)
@@ -62,3 +63,12 @@ class IncrementalDetokenizer:
         delta = final_text[len(sent):] if final_text.startswith(sent) else ""
         self.sent += len(delta)
         return delta
+
+
+def _fast_decode(tokenizer):
+    """The Rust tokenizer's own decode when it gives the same text as the Hugging Face wrapper's (no clean-up of
+    spaces), which costs a quarter of the time per call; the wrapper's otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer.decode
+    return lambda ids: backend.decode(ids, skip_special_tokens=False)
