@@ -8,9 +8,10 @@
    set (so no run is helped by the prefix cache of the one before) and runs all three, in rotating order.
    Reported: output tokens/s of each, the server's share of the offline throughput, and the CPU seconds the
    client (this process) and the server process used, since on a small machine they share the cores.
-2. Low load. One request at a time: the client's time to first token for a prompt of `--ttft-prompt-len`
-   tokens and one output token, beside the two parts it should be made of: the engine's prefill step for
-   that prompt (the offline engine's step trace) and an HTTP round trip to the same server (GET /health).
+2. Low load. One request at a time, a prompt of `--ttft-prompt-len` tokens and one output token: the client's
+   time to first token beside the server's own (its TTFT histogram on /metrics, arrival in the engine to first
+   token: queueing and the prefill step, no HTTP); the difference is what the HTTP layer adds. For scale, the
+   offline engine's prefill step for the same prompts and an HTTP round trip (GET /health).
 
 Writes `serving.json`.
 """
@@ -74,15 +75,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def server_ttft(url: str) -> tuple[float, float]:
+    """The server's own TTFT histogram (arrival in the engine to first token): its (sum of seconds, count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", trust_env=False).text):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return (values.get("vllm:time_to_first_token_seconds_sum", 0.0),
+            values.get("vllm:time_to_first_token_seconds_count", 0.0))
+
+
 def low_load(llm: LLM, url: str, tokenizer, prompt_len: int, count: int) -> dict:
-    """Client TTFT one request at a time, the engine's prefill step for the same prompts, and an HTTP round trip."""
+    """One request at a time: the client's TTFT, the server's own TTFT for the same requests (from /metrics: the
+    engine's queueing and prefill, no HTTP), the offline engine's prefill step for the same prompts, and an HTTP
+    round trip. Client minus server TTFT is what the HTTP layer adds."""
     requests = build_requests(tokenizer, tinyshakespeare_text(), "random", count, (prompt_len, prompt_len),
                               (1, 1), 0, 1, seed=123)
     ttft = []
-    for request in requests:
-        (result,), _ = asyncio.run(benchmark(url, MODEL, [request], [0.0], None, 60.0))
-        if result.success:
-            ttft.append(result.ttft)
+    sum_before, count_before = server_ttft(url)
+    with httpx.Client(trust_env=False, timeout=60) as client:   # one connection, kept open, as a real client does
+        for request in requests:
+            body = {"model": MODEL, "prompt": request.prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+            start = time.perf_counter()
+            with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+                first = None
+                for line in response.iter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.perf_counter() - start
+            ttft.append(first)
+    sum_after, count_after = server_ttft(url)
     llm.reset_prefix_cache()
     engine = llm.llm_engine
     prefill = []
@@ -98,10 +121,12 @@ def low_load(llm: LLM, url: str, tokenizer, prompt_len: int, count: int) -> dict
             start = time.perf_counter()
             client.get(f"{url}/health")
             round_trips.append(time.perf_counter() - start)
-    ms = {name: statistics.median(values) * 1e3 for name, values in
-          (("ttft", ttft), ("prefill_step", prefill), ("http_round_trip", round_trips))}
-    return {"prompt_len": prompt_len, "requests": count, "median_ms": ms,
-            "overhead_ms": ms["ttft"] - ms["prefill_step"] - ms["http_round_trip"]}
+    mean_ms = {"client_ttft": statistics.mean(ttft) * 1e3,
+               "server_ttft": (sum_after - sum_before) / (count_after - count_before) * 1e3}
+    median_ms = {name: statistics.median(values) * 1e3 for name, values in
+                 (("client_ttft", ttft), ("offline_prefill_step", prefill), ("http_round_trip", round_trips))}
+    return {"prompt_len": prompt_len, "requests": count, "mean_ms": mean_ms, "median_ms": median_ms,
+            "http_layer_ms": mean_ms["client_ttft"] - mean_ms["server_ttft"]}
 
 
 def main() -> None:
@@ -132,6 +157,7 @@ def main() -> None:
                 client_cpu, server_cpu = time.process_time(), cpu_seconds(server.proc.pid)
                 if name == "offline":
                     run = offline_run(llm, requests)
+                    run["cpu_seconds"] = {"engine": time.process_time() - client_cpu}
                 else:
                     run = server_run(server.url, requests, stream=name == "server")
                     run["cpu_seconds"] = {"client": time.process_time() - client_cpu,
@@ -157,9 +183,11 @@ def main() -> None:
     }
     print(f"server / offline output throughput: streamed {result['server_over_offline']:.3f}, "
           f"whole answers {result['server_whole_over_offline']:.3f}")
-    print(f"low load, {ttft['prompt_len']}-token prompts: TTFT {ttft['median_ms']['ttft']:.2f} ms = prefill step "
-          f"{ttft['median_ms']['prefill_step']:.2f} ms + HTTP round trip {ttft['median_ms']['http_round_trip']:.2f} "
-          f"ms + {ttft['overhead_ms']:.2f} ms")
+    print(f"low load, {ttft['prompt_len']}-token prompts: client TTFT {ttft['mean_ms']['client_ttft']:.2f} ms, the "
+          f"server's own {ttft['mean_ms']['server_ttft']:.2f} ms (means): the HTTP layer adds "
+          f"{ttft['http_layer_ms']:.2f} ms; an offline prefill step takes "
+          f"{ttft['median_ms']['offline_prefill_step']:.2f} ms, a round trip "
+          f"{ttft['median_ms']['http_round_trip']:.2f} ms (medians)")
     save_result("serving", result, Path(args.out) / "serving.json")
 
 
