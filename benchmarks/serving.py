@@ -3,11 +3,13 @@
     python benchmarks/serving.py --out benchmarks/results/cpu
 
 1. Saturation. The same requests (corpus prompts, exact output lengths, greedy, `ignore_eos`) go to the offline
-   `LLM.generate` in this process and, all at once, to `llminfer serve` in a child process, streamed (through
-   `llminfer bench serve`'s client, an event per token) and as whole answers. Each repeat draws a new request
-   set (so no run is helped by the prefix cache of the one before) and runs all three, in rotating order.
-   Reported: output tokens/s of each, the server's share of the offline throughput, and the CPU seconds the
-   client (this process) and the server process used, since on a small machine they share the cores.
+   `LLM.generate` in this process and, all at once, to two `llminfer serve` child processes, one with its engine
+   loop in a process of its own (`--engine-core process`, the default) and one with it in a thread of the server
+   (`--engine-core thread`), streamed (through `llminfer bench serve`'s client, an event per token) and as whole
+   answers. Each repeat draws a new request set (so no run is helped by the prefix cache of the one before)
+   and runs all five, in rotating order. Reported: output tokens/s of each, the server's share of the offline
+   throughput, and the CPU seconds the client (this process) and the server (with its engine process) used,
+   since on a small machine they share the cores.
 2. Low load. One request at a time, a prompt of `--ttft-prompt-len` tokens and one output token: the client's
    time to first token beside the server's own (its TTFT histogram on /metrics, arrival in the engine to first
    token: queueing and the prefill step, no HTTP); the difference is what the HTTP layer adds. For scale, the
@@ -70,9 +72,20 @@ def server_run(url: str, requests: list[BenchRequest], stream: bool = True) -> d
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its children (the engine process) have used so far (Linux /proc)."""
+    def own(stat: str) -> tuple[int, float]:
+        fields = stat.rsplit(")", 1)[1].split()
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    total = own(Path(f"/proc/{pid}/stat").read_text())[1]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent, seconds = own(stat.read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            total += seconds
+    return total
 
 
 def server_ttft(url: str) -> tuple[float, float]:
@@ -143,31 +156,37 @@ def main() -> None:
 
     llm = LLM(MODEL, device="cpu")
     tokenizer = llm.get_tokenizer()
-    server = ServerProcess(MODEL, "--device", "cpu")
+    servers = {core: ServerProcess(MODEL, "--device", "cpu", "--engine-core", core) for core in ("process", "thread")}
     try:
         warm = build_requests(tokenizer, tinyshakespeare_text(), "random", 16, input_len, (8, 8), 0, 1, seed=999)
         offline_run(llm, warm)
-        server_run(server.url, warm)
-        runs = {"offline": [], "server": [], "server_whole": []}
+        for server in servers.values():
+            server_run(server.url, warm)
+        runs = {"offline": [], **{f"{core}_{mode}": [] for core in servers for mode in ("streamed", "whole")}}
         for repeat in range(args.repeats):
             requests = build_requests(tokenizer, tinyshakespeare_text(), "random", args.num_prompts, input_len,
                                       output_len, 0, 1, seed=repeat)
-            order = list(runs)[repeat % 3:] + list(runs)[:repeat % 3]   # rotate who goes first
-            for name in order:
-                client_cpu, server_cpu = time.process_time(), cpu_seconds(server.proc.pid)
+            names = list(runs)
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:   # rotate who goes first
+                client_cpu = time.process_time()
                 if name == "offline":
                     run = offline_run(llm, requests)
                     run["cpu_seconds"] = {"engine": time.process_time() - client_cpu}
                 else:
-                    run = server_run(server.url, requests, stream=name == "server")
+                    core, mode = name.split("_")
+                    server = servers[core]
+                    server_cpu = cpu_seconds(server.proc.pid)
+                    run = server_run(server.url, requests, stream=mode == "streamed")
                     run["cpu_seconds"] = {"client": time.process_time() - client_cpu,
                                           "server": cpu_seconds(server.proc.pid) - server_cpu}
                 runs[name].append(run)
-                print(f"repeat {repeat} {name:12} {run['output_tokens_per_s']:8.1f} output tokens/s "
+                print(f"repeat {repeat} {name:16} {run['output_tokens_per_s']:8.1f} output tokens/s "
                       f"({run['output_tokens']} tokens in {run['seconds']:.2f} s)", flush=True)
-        ttft = low_load(llm, server.url, tokenizer, args.ttft_prompt_len, args.ttft_requests)
+        ttft = {core: low_load(llm, server.url, tokenizer, args.ttft_prompt_len, args.ttft_requests)
+                for core, server in servers.items()}
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
     def median(name: str) -> float:
         return statistics.median(r["output_tokens_per_s"] for r in runs[name])
@@ -177,17 +196,17 @@ def main() -> None:
         "repeats": args.repeats,
         "saturation": {name: {"output_tokens_per_s": summarize([r["output_tokens_per_s"] for r in runs[name]]),
                               "runs": runs[name]} for name in runs},
-        "server_over_offline": median("server") / median("offline"),
-        "server_whole_over_offline": median("server_whole") / median("offline"),
+        "over_offline": {name: median(name) / median("offline") for name in runs if name != "offline"},
         "low_load": ttft,
     }
-    print(f"server / offline output throughput: streamed {result['server_over_offline']:.3f}, "
-          f"whole answers {result['server_whole_over_offline']:.3f}")
-    print(f"low load, {ttft['prompt_len']}-token prompts: client TTFT {ttft['mean_ms']['client_ttft']:.2f} ms, the "
-          f"server's own {ttft['mean_ms']['server_ttft']:.2f} ms (means): the HTTP layer adds "
-          f"{ttft['http_layer_ms']:.2f} ms; an offline prefill step takes "
-          f"{ttft['median_ms']['offline_prefill_step']:.2f} ms, a round trip "
-          f"{ttft['median_ms']['http_round_trip']:.2f} ms (medians)")
+    for name, ratio in result["over_offline"].items():
+        print(f"{name:16} {ratio:.3f} of the offline output throughput")
+    for core, low in ttft.items():
+        print(f"low load, engine in a {core}, {low['prompt_len']}-token prompts: client TTFT "
+              f"{low['mean_ms']['client_ttft']:.2f} ms, the server's own {low['mean_ms']['server_ttft']:.2f} ms "
+              f"(means): the HTTP layer adds {low['http_layer_ms']:.2f} ms; an offline prefill step takes "
+              f"{low['median_ms']['offline_prefill_step']:.2f} ms, a round trip "
+              f"{low['median_ms']['http_round_trip']:.2f} ms (medians)")
     save_result("serving", result, Path(args.out) / "serving.json")
 
 

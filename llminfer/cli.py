@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
     from llminfer.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          log_level=args.log_level, **engine_kwargs(args))
+          log_level=args.log_level, engine_core=args.engine_core, **engine_kwargs(args))
     return 0
 
 
@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="the name clients pass as `model` (default: MODEL)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--engine-core", choices=["process", "thread"], default="process",
+                     help="run the engine loop in a child process (default, as vLLM V1 does) or in a thread of the "
+                          "server's process")
     add_engine_arguments(srv)
     srv.set_defaults(run=_serve)
     add_run_batch_parser(sub)

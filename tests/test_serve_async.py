@@ -177,3 +177,61 @@ def test_a_stopped_engine_says_so(llm):
     engine.shutdown()
     with pytest.raises(RuntimeError, match="stopped"):
         asyncio.run(collect(engine, "x", SamplingParams()))
+
+
+@pytest.fixture(scope="module")
+def process_engine():
+    engine = AsyncLLM.in_own_process("tiny-shakespeare", device="cpu", num_kv_blocks=64, seed=0)
+    yield engine
+    engine.shutdown()
+
+
+def test_an_engine_in_its_own_process_answers_as_the_offline_one(process_engine, llm):
+    prompts = ["ROMEO:\n", "JULIET:\nO Romeo", "First Citizen:\n"]
+    params = [SamplingParams(temperature=0, max_tokens=24), SamplingParams(temperature=0.8, seed=7, max_tokens=20,
+                                                                            stop=["\n\n"]),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=16, n=2)]
+    expected = llm.generate(prompts, params, use_tqdm=False)
+
+    async def main():
+        streamed = await asyncio.gather(*[collect(process_engine, p, sp) for p, sp in zip(prompts, params)])
+        final = []
+        for p, sp in zip(prompts, params):
+            final.append([o async for o in process_engine.generate(p, sp, final_only=True)])
+        return streamed, final
+    streamed, final = asyncio.run(main())
+    for want, outputs, (last,) in zip(expected, streamed, final):
+        assert [c.text for c in outputs[-1].outputs] == [c.text for c in want.outputs]
+        assert [c.token_ids for c in last.outputs] == [c.token_ids for c in want.outputs]
+    assert process_engine.max_model_len == llm.llm_engine.max_model_len
+
+
+def test_an_engine_process_frees_aborted_requests_and_refuses_bad_ones(process_engine):
+    async def main():
+        async for _ in process_engine.generate("ROMEO:\n", SamplingParams(max_tokens=500, ignore_eos=True)):
+            break
+        with pytest.raises(ValueError, match="stop_token_ids"):
+            await collect(process_engine, "x", SamplingParams(stop_token_ids=[10**9]))
+        await asyncio.sleep(0.3)
+    asyncio.run(main())
+    stats = process_engine.last_stats
+    assert stats.num_used_blocks == 0 and stats.num_running == 0
+    assert process_engine.is_running
+
+
+def test_callers_hear_when_the_engine_process_dies():
+    engine = AsyncLLM.in_own_process("tiny-shakespeare", device="cpu", num_kv_blocks=64)
+
+    async def main():
+        task = asyncio.create_task(collect(engine, "ROMEO:\n", SamplingParams(max_tokens=900, ignore_eos=True)))
+        await asyncio.sleep(0.5)
+        engine._core._process.kill()
+        with pytest.raises(RuntimeError, match="engine"):
+            await asyncio.wait_for(task, 30)
+    try:
+        asyncio.run(main())
+        assert not engine.is_running
+        with pytest.raises(RuntimeError, match="stopped"):
+            asyncio.run(collect(engine, "x", SamplingParams()))
+    finally:
+        engine.shutdown()

@@ -1,15 +1,15 @@
-"""`AsyncLLM`: the engine loop in a background thread, requests as async iterators (vLLM's AsyncLLM shape).
+"""`AsyncLLM`: requests as async iterators over an engine loop that runs elsewhere (vLLM's AsyncLLM shape).
 
 The offline `LLM.generate` runs the loop itself until its prompts finish. A server cannot: requests arrive
-at any time from many clients and each wants its tokens as they come. So one thread owns the engine and
-runs `step()` whenever there is work; the event loop talks to it through a command queue (add, abort) and
-gets each step's outputs back through a per-request `asyncio.Queue`. The engine is only ever touched by
-its thread, so it needs no lock.
+at any time from many clients and each wants its tokens as they come. So the engine loop runs on its own
+(`engine_core.py`: in a background thread, or in a child process), and the event loop talks to it with
+messages: add and abort go in, each step's outputs come back and are handed to a per-request
+`asyncio.Queue`. The engine is only ever touched by its loop, so it needs no lock.
 
-Each yielded `RequestOutput` carries the completion's text so far (detokenised incrementally, see
-`detokenizer.py`), so a stream sends `text[len(sent):]`; the last one carries the engine's final text.
-Leaving the iterator early (a client that disconnects, a cancelled task) aborts the request and frees
-its KV blocks.
+Each yielded `RequestOutput` carries the completion's text so far (detokenised incrementally, here in the
+caller's process, see `detokenizer.py`), so a stream sends `text[len(sent):]`; the last one carries the
+engine's final text. Leaving the iterator early (a client that disconnects, a cancelled task) aborts the
+request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,59 +26,76 @@ from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
 from llminfer.sampling import SamplingParams
 from llminfer.serve.detokenizer import IncrementalDetokenizer
+from llminfer.serve.engine_core import EngineStats, ProcessCore, ThreadCore, engine_stats
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread has stopped: no request can be served any more."""
+    """The engine loop has stopped: no request can be served any more."""
 
 
 @dataclass
-class _Add:
-    request_id: str
-    prompt: str | dict
-    params: SamplingParams
+class _Stream:
     outputs: asyncio.Queue
     loop: asyncio.AbstractEventLoop
-    final_only: bool = False
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-_STOP = object()
 
 
 class AsyncLLM:
-    """Serve an `LLMEngine` to many concurrent async callers."""
+    """Serve an engine to many concurrent async callers."""
 
     def __init__(self, engine: LLMEngine, model_name: str = "llminfer",
-                 on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None):
-        """`on_step(engine, outputs)` runs in the engine thread after every step (the server's metrics)."""
-        self.engine, self.model_name, self.on_step = engine, model_name, on_step
-        self.tokenizer = engine.tokenizer
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Add] = {}   # engine thread only: where each running request's outputs go
+                 on_stats: Callable[[EngineStats, list[RequestOutput]], None] | None = None):
+        """Run `engine`'s loop in a background thread. `on_stats(stats, outputs)` runs after every step and
+        abort (the server's metrics), on the loop's thread."""
+        self._setup(model_name, engine.tokenizer, on_stats)
+        self.engine = engine
+        self.max_model_len, self.vocab_size = engine.max_model_len, engine.model.config.vocab_size
+        self.max_num_seqs = engine.scheduler.max_num_seqs
+        self.last_stats = engine_stats(engine)
+        self._core = ThreadCore(engine, self._on_message)
+
+    def _setup(self, model_name: str, tokenizer, on_stats) -> None:
+        self.model_name, self.tokenizer, self.on_stats = model_name, tokenizer, on_stats
+        self._streams: dict[str, _Stream] = {}   # where each running request's outputs go
+        self._lock = threading.Lock()             # _streams is changed by callers and by the loop's messages
         self._ids = itertools.count()
-        self._error: BaseException | None = None
-        self.on_step_error: Exception | None = None   # the last exception `on_step` raised, if any
-        self._thread = threading.Thread(target=self._run, name="llminfer-engine", daemon=True)
-        self._thread.start()
+        self._error: str | None = None
+        self.on_stats_error: Exception | None = None   # the last exception `on_stats` raised, if any
 
     @classmethod
     def from_llm(cls, llm, **kwargs) -> AsyncLLM:
-        """Serve the engine an offline `LLM` built (its model, tokenizer and settings). The engine has one
-        driver at a time: until `shutdown`, `llm.generate` refuses to run."""
+        """Serve the engine an offline `LLM` built (its model, tokenizer and settings), in a thread. The engine
+        has one driver at a time: until `shutdown`, `llm.generate` refuses to run."""
         served = cls(llm.llm_engine, llm.model_name, **kwargs)
         llm.served_by = served
         return served
+
+    @classmethod
+    def in_own_process(cls, model: str, model_name: str | None = None,
+                       on_stats: Callable[[EngineStats, list[RequestOutput]], None] | None = None,
+                       **llm_kwargs) -> AsyncLLM:
+        """Build `LLM(model, **llm_kwargs)` in a child process and run its loop there (vLLM V1's EngineCore):
+        the engine's Python then never waits for this process's, and the reverse."""
+        from llminfer.models.loader import load_tokenizer
+        from llminfer.models.registry import resolve_model_path
+
+        self = cls.__new__(cls)
+        tokenizer = None
+        if not llm_kwargs.get("skip_tokenizer_init", False):
+            tokenizer_path = llm_kwargs.get("tokenizer")
+            tokenizer = load_tokenizer(resolve_model_path(tokenizer_path or model))
+        self._setup(model_name or model, tokenizer, on_stats)
+        self.engine = None
+        self.last_stats = None
+        self._core = ProcessCore(model, llm_kwargs, self._on_message)
+        self.max_model_len, self.vocab_size = self._core.max_model_len, self._core.vocab_size
+        self.max_num_seqs = self._core.max_num_seqs
+        return self
 
     # --- the caller's side (event loop) --------------------------------------------------------------------------
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return self._error is None and self._core.is_alive
 
     async def generate(self, prompt: str | dict, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, final_only: bool = False) -> AsyncIterator[RequestOutput]:
@@ -88,16 +104,21 @@ class AsyncLLM:
         output kind) yields only the finished output: a caller that will not stream saves the per-step
         hand-over and the incremental detokenisation."""
         if not self.is_running:
-            raise EngineDeadError(f"the engine thread has stopped: {self._error!r}")
+            raise EngineDeadError(f"the engine loop has stopped: {self._error or 'shut down'}")
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params = params.clone()
         params.validate()
         request_id = f"req-{next(self._ids)}" if request_id is None else request_id
-        loop = asyncio.get_running_loop()
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str or None, got {type(request_id).__name__}")
         outputs: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, outputs, loop, final_only))
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = _Stream(outputs, asyncio.get_running_loop())
+        self._core.send(("add", request_id, prompt, params, final_only))
         detokenizers: list[IncrementalDetokenizer] = []
         finished = False
         try:
@@ -106,16 +127,19 @@ class AsyncLLM:
                 while not outputs.empty() and not isinstance(item, BaseException):   # catch up: outputs are
                     item = outputs.get_nowait()                                      # cumulative, keep the latest
                 if isinstance(item, BaseException):
-                    finished = True   # refused at submission (nothing to abort: the id may be another's), or
-                    raise item        # the engine stopped and has aborted it already
+                    finished = True   # refused at submission, or the engine stopped (and aborted it)
+                    raise item
                 finished = item.finished
                 yield self._with_text(item, params, detokenizers)
         finally:
-            if not finished:   # the caller left early, or the engine failed: free the request's blocks
-                self._commands.put(_Abort(request_id))
+            if not finished:   # the caller left early: free the request's blocks
+                await self.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        with self._lock:
+            self._streams.pop(request_id, None)
+        if self._core.is_alive:
+            self._core.send(("abort", request_id))
 
     def _with_text(self, output: RequestOutput, params: SamplingParams,
                    detokenizers: list[IncrementalDetokenizer]) -> RequestOutput:
@@ -138,85 +162,69 @@ class AsyncLLM:
         return dataclasses.replace(output, outputs=completions)
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; requests still running are aborted."""
-        self._commands.put(_STOP)
-        self._thread.join(timeout)
+        """Stop the engine loop; requests still running are aborted and their callers told."""
+        self._core.shutdown(timeout)
+        self._fail_all("the engine shut down")
 
-    # --- the engine thread -----------------------------------------------------------------------------------------
+    # --- messages from the engine loop (its thread, or the thread reading the engine process's pipe) ----------------
 
-    def _run(self) -> None:
-        engine = self.engine
-        try:
-            while True:
-                # Wait for a command only when idle; with work to do, take whatever has arrived and step.
-                if not engine.has_unfinished_requests():
-                    try:
-                        command = self._commands.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    if command is _STOP:
-                        break
-                    self._apply(command)
-                while True:
-                    try:
-                        command = self._commands.get_nowait()
-                    except queue.Empty:
-                        break
-                    if command is _STOP:
-                        return self._abort_all("the engine shut down")
-                    self._apply(command)
-                if engine.has_unfinished_requests():
-                    outputs = engine.step()
-                    if self.on_step is not None:
-                        try:
-                            self.on_step(engine, outputs)
-                        except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop serving
-                            self.on_step_error = exc
-                    self._deliver(outputs)
-        except BaseException as exc:  # noqa: BLE001 - the engine itself broke: every caller must hear it
-            self._error = exc
-            self._abort_all(f"the engine failed: {type(exc).__name__}: {exc}")
-            return
-        self._abort_all("the engine shut down")
+    def _on_message(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "outputs":
+            _, outputs, stats = message
+            self._deliver(outputs)
+            self._record(stats, outputs)
+        elif kind == "stats":
+            self._record(message[1], [])
+        elif kind == "rejected":
+            _, request_id, error = message
+            with self._lock:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                _call_soon(stream.loop, stream.outputs.put_nowait, error)
+        elif kind == "dead":
+            self._error = message[1]
+            self._fail_all(f"the engine failed: {message[1]}")
 
-    def _apply(self, command) -> None:
-        if isinstance(command, _Abort):
-            self.engine.abort(command.request_id)
-            self._streams.pop(command.request_id, None)
-            return
-        try:
-            self.engine.add_request(command.request_id, command.prompt, command.params)
-        except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-            command.loop.call_soon_threadsafe(command.outputs.put_nowait, exc)
-            return
-        self._streams[command.request_id] = command
+    def _record(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
+        self.last_stats = stats
+        if self.on_stats is not None:
+            try:
+                self.on_stats(stats, outputs)
+            except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop serving
+                self.on_stats_error = exc
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand each output to its caller's queue: one wake-up of each caller's event loop per step, not one per
         output (a cross-thread call writes to the loop's self-pipe, and a step can carry hundreds of outputs)."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is None or (stream.final_only and not output.finished):
-                continue
-            if output.finished:
-                del self._streams[output.request_id]
-            by_loop.setdefault(stream.loop, []).append((stream.outputs, output))
+        with self._lock:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is None:
+                    continue
+                if output.finished:
+                    del self._streams[output.request_id]
+                by_loop.setdefault(stream.loop, []).append((stream.outputs, output))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:   # the caller's event loop is closed: nobody is listening any more
+            if not _call_soon(loop, _put_all, items):   # the caller's event loop is closed: nobody listens
                 for _, output in items:
-                    self.engine.abort(output.request_id)
+                    if not output.finished and self._core.is_alive:
+                        self._core.send(("abort", output.request_id))
 
-    def _abort_all(self, reason: str) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort(request_id)
-            try:
-                stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, EngineDeadError(reason))
-            except RuntimeError:
-                pass
-        self._streams.clear()
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            _call_soon(stream.loop, stream.outputs.put_nowait, EngineDeadError(reason))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:   # the loop is closed
+        return False
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -231,7 +231,7 @@ async def run_batch(engine: AsyncLLM, source: Iterable[bytes], sink: IO[str], se
     """Answer every line of `source` through the server's app on `engine` and write the records to `sink` in input
     order; returns {total, completed, failed}. The caller owns the engine (and shuts it down)."""
     app = build_app(engine, served_model_name)
-    slots = asyncio.Semaphore(max_concurrency or 2 * engine.engine.scheduler.max_num_seqs)
+    slots = asyncio.Semaphore(max_concurrency or 2 * engine.max_num_seqs)
     counts = {"total": 0, "completed": 0, "failed": 0}
     async with in_process_client(app) as client:
         async for record in answers(source, client, slots):
@@ -456,7 +456,7 @@ def batch_router(serving: OpenAIServing, *, max_file_bytes: int = 64 * MiB, max_
     `max_file_bytes` each, `max_total_bytes` in all; the oldest ended batches beyond `max_batches` are forgotten."""
     files: dict[str, StoredFile] = {}
     jobs: dict[str, Job] = {}
-    slots = asyncio.Semaphore(max_concurrency or max(1, serving.engine.engine.scheduler.max_num_seqs // 2))
+    slots = asyncio.Semaphore(max_concurrency or max(1, serving.engine.max_num_seqs // 2))
 
     def free_slots() -> int:
         """Files that may still be stored: each running batch holds two back for its results."""

@@ -1,19 +1,19 @@
 """The server's Prometheus metrics, under vLLM's names so that a dashboard or alert written for vLLM reads
 llminfer unchanged (https://docs.vllm.ai/en/stable/usage/metrics/).
 
-Gauges and counters come from the engine after every step (`record_step`, run in the engine thread);
+Gauges and counters come from the engine's stats after every step (`record`, on the engine loop's thread);
 the latency histograms from each request's timestamps: TTFT from arrival to the first token, one
-inter-token latency per step that gave a request tokens, end-to-end from arrival to finish.
+inter-token latency per step that gave a request tokens, end-to-end from arrival to finish. Arrival is
+stamped by the engine with `time.perf_counter`, a system-wide monotonic clock on Linux, so the times hold
+also when the engine runs in a process of its own.
 """
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.outputs import RequestOutput
+from llminfer.serve.engine_core import EngineStats
 
 # Bucket edges in seconds, spanning a CPU's tiny model (ms) to a loaded GPU server (tens of seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -48,46 +48,38 @@ class ServerMetrics:
         self._last_token_time: dict[str, float] = {}   # request id -> when it last gained tokens
         self._tokens_seen: dict[str, int] = {}          # request id -> output tokens counted so far
 
-    def update_gauges(self, engine: LLMEngine) -> None:
-        """The engine's state now. Called after every step and again when /metrics is scraped: an abort
-        while the engine is idle changes the state without a step."""
+    def update_gauges(self, stats: EngineStats) -> None:
+        """The engine's state as of its last step or abort."""
         m = self.labels
-        self.running.labels(**m).set(len(engine.scheduler.running))
-        self.waiting.labels(**m).set(len(engine.scheduler.waiting))
-        self.kv_usage.labels(**m).set(engine.pool.num_used_blocks / engine.pool.num_blocks)
+        self.running.labels(**m).set(stats.num_running)
+        self.waiting.labels(**m).set(stats.num_waiting)
+        self.kv_usage.labels(**m).set(stats.num_used_blocks / stats.num_blocks)
 
-    def record_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
-        """Update everything from the engine's state and the outputs of the step it just ran."""
-        now = time.perf_counter()
+    def record(self, stats: EngineStats, outputs: list[RequestOutput] | None = None) -> None:
+        """Update everything from one step's stats (an abort sends stats alone). The outputs are not needed: the
+        stats carry every request's progress, also of those whose caller asked for the final output only."""
         m = self.labels
-        self.update_gauges(engine)
-        if engine.trace:
-            record = engine.trace[-1]
-            prompt_lengths = {o.request_id: len(o.prompt_token_ids) for o in outputs}
-            for request_id, hits in record.prefix_hits.items():
-                seq = engine.requests.get(request_id)
-                looked_up = seq.num_prompt_tokens if seq is not None else prompt_lengths.get(request_id, hits)
-                self.prefix_queries.labels(**m).inc(looked_up)
-                self.prefix_hits.labels(**m).inc(hits)
-            self.preemptions.labels(**m).inc(len(record.preempted))
-        for output in outputs:
-            self._record_request(output, now)
+        self.update_gauges(stats)
+        self.prefix_queries.labels(**m).inc(stats.prefix_queries)
+        self.prefix_hits.labels(**m).inc(stats.prefix_hits)
+        self.preemptions.labels(**m).inc(stats.preemptions)
+        for request_id, prompt_tokens, produced, arrival, finish_reason in stats.progress:
+            before = self._tokens_seen.get(request_id, 0)
+            if produced > before:
+                if before == 0:
+                    self.prompt_tokens.labels(**m).inc(prompt_tokens)
+                    self.ttft.labels(**m).observe(stats.time - arrival)
+                else:
+                    self.itl.labels(**m).observe(stats.time - self._last_token_time[request_id])
+                self.generation_tokens.labels(**m).inc(produced - before)
+                self._tokens_seen[request_id], self._last_token_time[request_id] = produced, stats.time
+            if finish_reason is not None:
+                self._forget(request_id)
+                self.success.labels(**m, finished_reason=finish_reason).inc()
+                self.e2e.labels(**m).observe(stats.time - arrival)
+        for request_id in stats.aborted_ids:   # an aborted request reports no last output
+            self._forget(request_id)
 
-    def _record_request(self, output: RequestOutput, now: float) -> None:
-        m, request_id = self.labels, output.request_id
-        produced = sum(len(c.token_ids) for c in output.outputs)
-        before = self._tokens_seen.get(request_id, 0)
-        if produced > before:
-            if before == 0:
-                self.prompt_tokens.labels(**m).inc(len(output.prompt_token_ids))
-                self.ttft.labels(**m).observe(now - output.metrics.arrival_time)
-            else:
-                self.itl.labels(**m).observe(now - self._last_token_time[request_id])
-            self.generation_tokens.labels(**m).inc(produced - before)
-            self._tokens_seen[request_id], self._last_token_time[request_id] = produced, now
-        if output.finished:
-            self._tokens_seen.pop(request_id, None)
-            self._last_token_time.pop(request_id, None)
-            reason = next((c.finish_reason for c in output.outputs if c.finish_reason), "abort")
-            self.success.labels(**m, finished_reason=reason).inc()
-            self.e2e.labels(**m).observe(now - output.metrics.arrival_time)
+    def _forget(self, request_id: str) -> None:
+        self._tokens_seen.pop(request_id, None)
+        self._last_token_time.pop(request_id, None)

@@ -76,8 +76,8 @@ class OpenAIServing:
     def __init__(self, engine: AsyncLLM, served_model_name: str):
         self.engine, self.model_name = engine, served_model_name
         self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.engine.max_model_len
-        self.vocab_size = engine.engine.model.config.vocab_size
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
 
     # --- checks ---------------------------------------------------------------------------------------------------
 
@@ -403,8 +403,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | None = None, metrics: S
     name = served_model_name or engine.model_name
     serving = OpenAIServing(engine, name)
     metrics = metrics or ServerMetrics(name)
-    if engine.on_step is None:
-        engine.on_step = metrics.record_step
+    if engine.on_stats is None:
+        engine.on_stats = metrics.record
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -455,7 +455,8 @@ def build_app(engine: AsyncLLM, served_model_name: str | None = None, metrics: S
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        metrics.update_gauges(engine.engine)
+        if engine.last_stats is not None:
+            metrics.update_gauges(engine.last_stats)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     from llminfer.serve.batch import batch_router  # here, not at the top: batch.py imports this module
@@ -464,12 +465,18 @@ def build_app(engine: AsyncLLM, served_model_name: str | None = None, metrics: S
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          log_level: str = "info", **llm_kwargs) -> None:
-    """Load the model, build the app, and serve it with uvicorn until SIGINT or SIGTERM."""
+          log_level: str = "info", engine_core: str = "process", **llm_kwargs) -> None:
+    """Start the engine (in a child process, or a thread of this one), build the app, and serve it with uvicorn
+    until SIGINT or SIGTERM."""
     import uvicorn
 
     from llminfer.engine.llm import LLM
 
-    engine = AsyncLLM.from_llm(LLM(model, **llm_kwargs))
+    if engine_core not in ("process", "thread"):
+        raise ValueError(f"engine_core must be 'process' or 'thread', got {engine_core!r}")
+    if engine_core == "process":
+        engine = AsyncLLM.in_own_process(model, served_model_name or model, **llm_kwargs)
+    else:
+        engine = AsyncLLM.from_llm(LLM(model, **llm_kwargs))
     app = build_app(engine, served_model_name or model)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=60)
