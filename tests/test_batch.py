@@ -5,7 +5,6 @@ thread on a loopback port, refuses hostile input with a 4xx and an error object.
 import argparse
 import io
 import json
-import socket
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ import uvicorn
 from llminfer import LLM, SamplingParams
 from llminfer.serve.async_llm import AsyncLLM, wait_idle
 from llminfer.serve.batch import add_parser, batch_router
+from llminfer.serve.launch import free_port
 from llminfer.serve.server import build_app
 
 MODEL = "tiny-shakespeare"
@@ -170,12 +170,6 @@ def test_run_batch_refuses_user_mistakes_before_loading_the_model(tmp_path):
 
 
 # --- the job queue on the server ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server():

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from llminfer.bench import serve as bench
 from llminfer.bench.record import save_result
 from llminfer.datasets import tinyshakespeare_text
+from llminfer.serve.launch import free_port
 
 FIRST_DELAY = 0.05    # the fake server's seconds before its first chunk
 GAP = 0.02            # and between chunks (one token each)
@@ -341,10 +342,7 @@ def test_failures_are_counted_with_their_errors_and_never_stop_the_run(server, t
 
 
 def test_a_server_that_is_not_there_fails_every_request(tokenizer, capsys):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    result = bench.run(f"http://127.0.0.1:{port}", num_prompts=3, input_len=(4, 8), output_len=(2, 2), timeout=5,
+    result = bench.run(f"http://127.0.0.1:{free_port()}", num_prompts=3, input_len=(4, 8), output_len=(2, 2), timeout=5,
                        tokenizer=tokenizer)
     assert (result["completed"], result["failed"]) == (0, 3)
     assert result["request_throughput"] == 0 and result["mean_ttft_ms"] is None

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,14 +60,11 @@ class Prompt:
 
 
 @dataclass
-class Choice:
-    """What a stream has sent so far for one completion."""
+class Sent:
+    """How much of one completion a stream has sent."""
 
-    index: int
-    text_sent: int = 0
-    tokens_sent: int = 0
-    finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)
+    text: int = 0
+    tokens: int = 0
 
 
 class OpenAIServing:
@@ -214,32 +211,38 @@ class OpenAIServing:
             return sse_event({"id": request_id, "object": "text_completion", "created": created,
                               "model": self.model_name, "choices": choices, **extra})
 
-        sent: dict[int, Choice] = {}
         last: dict[int, RequestOutput] = {}
         if body.echo:
             for i, prompt in enumerate(prompts):
                 yield chunk([{"index": i * params.n + j, "text": prompt.text or "", "logprobs": None,
                               "finish_reason": None} for j in range(params.n)])
-        async for i, output in self.run(prompts, params, request_id):
-            last[i] = output
-            for completion in output.outputs:
-                index = i * params.n + completion.index
-                state = sent.setdefault(index, Choice(index))
-                self.raise_if_failed(output, completion)
-                delta = completion.text[state.text_sent:]
-                new_tokens = completion.token_ids[state.tokens_sent:]
-                if not delta and not new_tokens and completion.finish_reason is None:
-                    continue
-                entry = {"index": index, "text": delta, "logprobs": None,
-                         "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
-                if body.logprobs is not None and new_tokens:
-                    entry["logprobs"] = completion_logprobs(
-                        new_tokens, completion.logprobs[state.tokens_sent:len(completion.token_ids)], body.logprobs)
-                state.text_sent, state.tokens_sent = len(completion.text), len(completion.token_ids)
-                yield chunk([entry])
+        async for i, completion, delta, new_tokens, new_logprobs in self.deltas(prompts, params, request_id, last):
+            entry = {"index": i * params.n + completion.index, "text": delta, "logprobs": None,
+                     "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason}
+            if body.logprobs is not None and new_tokens:
+                entry["logprobs"] = completion_logprobs(new_tokens, new_logprobs, body.logprobs)
+            yield chunk([entry])
         if body.stream_options is not None and body.stream_options.include_usage:
             yield chunk([], usage=usage([last[i] for i in sorted(last)]))
         yield "data: [DONE]\n\n"
+
+    async def deltas(self, prompts: list[Prompt], params: SamplingParams, request_id: str,
+                     last: dict[int, RequestOutput]) -> AsyncIterator[tuple]:
+        """What each step adds to each completion, for a stream: (prompt index, completion, new text, new token
+        ids, their logprobs); `last` keeps each prompt's latest output, for the usage chunk."""
+        sent: dict[tuple[int, int], Sent] = {}
+        async for i, output in self.run(prompts, params, request_id):
+            last[i] = output
+            for completion in output.outputs:
+                self.raise_if_failed(output, completion)
+                state = sent.setdefault((i, completion.index), Sent())
+                end = len(completion.token_ids)
+                delta, new_tokens = completion.text[state.text:], completion.token_ids[state.tokens:]
+                if not delta and not new_tokens and completion.finish_reason is None:
+                    continue
+                new_logprobs = None if completion.logprobs is None else completion.logprobs[state.tokens:end]
+                state.text, state.tokens = len(completion.text), end
+                yield i, completion, delta, new_tokens, new_logprobs
 
     # --- chat -------------------------------------------------------------------------------------------------------
 
@@ -282,26 +285,15 @@ class OpenAIServing:
 
         yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for j in range(params.n)])
-        sent: dict[int, Choice] = {}
-        final = None
-        async for _, output in self.run(prompts, params, request_id):
-            final = output
-            for completion in output.outputs:
-                state = sent.setdefault(completion.index, Choice(completion.index))
-                self.raise_if_failed(output, completion)
-                delta = completion.text[state.text_sent:]
-                new_tokens = completion.token_ids[state.tokens_sent:]
-                if not delta and not new_tokens and completion.finish_reason is None:
-                    continue
-                entry = {"index": completion.index, "delta": {"content": delta} if delta else {},
-                         "logprobs": None, "finish_reason": completion.finish_reason}
-                if params.logprobs is not None and new_tokens:
-                    entry["logprobs"] = chat_logprobs(
-                        new_tokens, completion.logprobs[state.tokens_sent:len(completion.token_ids)], params.logprobs)
-                state.text_sent, state.tokens_sent = len(completion.text), len(completion.token_ids)
-                yield chunk([entry])
-        if body.stream_options is not None and body.stream_options.include_usage and final is not None:
-            yield chunk([], usage=usage([final]))
+        last: dict[int, RequestOutput] = {}
+        async for _, completion, delta, new_tokens, new_logprobs in self.deltas(prompts, params, request_id, last):
+            entry = {"index": completion.index, "delta": {"content": delta} if delta else {},
+                     "logprobs": None, "finish_reason": completion.finish_reason}
+            if params.logprobs is not None and new_tokens:
+                entry["logprobs"] = chat_logprobs(new_tokens, new_logprobs, params.logprobs)
+            yield chunk([entry])
+        if body.stream_options is not None and body.stream_options.include_usage and last:
+            yield chunk([], usage=usage(list(last.values())))
         yield "data: [DONE]\n\n"
 
     @staticmethod
