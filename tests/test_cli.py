@@ -84,6 +84,9 @@ def test_env_reports_each_dependency_device_and_triton():
         (["no_such_file.ipynb"], "no_such_file.ipynb"),
         (["--exercise", "no_such_exercise", "x.py"], "no_such_exercise"),
         (["--timeout", "0", "x.py"], "--timeout must be > 0 seconds, got 0"),
+        (["--memory-limit", "nan", "x.py"], "--memory-limit must be > 0 GiB, got nan"),
+        (["--load-timeout", "-1", "x.py"], "--load-timeout must be > 0 seconds, got -1"),
+        (["--run-as", "no such user \u00e9", "x.py"], "there is no such user"),
         ([], "nothing to grade"),
     ],
 )

@@ -190,6 +190,12 @@ def assert_gradescope_results(path: Path) -> dict:
     return data
 
 
+def solution(exercise_id: str) -> str:
+    """The instructors' answer key of an exercise (tests/grading_solutions), as source text."""
+    text = (ROOT / "tests" / "grading_solutions" / f"{exercise_id}.py").read_text()
+    return text.replace("from __future__ import annotations\n", "")   # so that keys can be joined in one cell
+
+
 def grade(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llminfer.cli", "grade", *args], capture_output=True, text=True,
                           timeout=300)
@@ -198,9 +204,7 @@ def grade(*args: str) -> subprocess.CompletedProcess:
 def test_grade_gives_a_solved_notebook_full_marks(tmp_path):
     notebook = jupytext.read(ROOT / "exercises/basics/01_prompt_to_text.md")
     notebook.cells.append(nbformat.v4.new_code_cell(
-        "from llminfer.grading import get_exercise\n"
-        "apply_top_p = get_exercise('top_p').reference\napply_min_p = get_exercise('min_p').reference\n"
-        "!pip install nothing\n%time checked = True"))
+        solution("top_p") + "\n" + solution("min_p") + "\n!pip install nothing\n%time checked = True"))
     jupytext.write(notebook, tmp_path / "solved.ipynb")
     result = grade(str(tmp_path / "solved.ipynb"), "--gradescope", str(tmp_path / "results.json"))
     assert result.returncode == 0, result.stderr
@@ -211,7 +215,7 @@ def test_grade_gives_a_solved_notebook_full_marks(tmp_path):
 
 def test_grade_a_folder_of_modules_one_of_which_crashes(tmp_path):
     (tmp_path / "answers.py").write_text(
-        "import torch\nfrom llminfer.grading import get_exercise\napply_rope = get_exercise('rope').reference\n"
+        solution("rope") + "\n\n"
         "def causal_mask(num_queries, num_keys):  # aligned to the first key: wrong unless square\n"
         "    return torch.ones(num_queries, num_keys, dtype=torch.bool).tril()\n")
     (tmp_path / "broken.py").write_text("import os\nprint('x' * 10**6)\nos._exit(3)\n")

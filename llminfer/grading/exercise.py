@@ -34,6 +34,12 @@ class Exercise:
     # Run once before the tests, in the grading process: what it loads and caches (a model, the reference's
     # results) every test's forked child inherits instead of loading again.
     setup: Callable[[], object] | None = None
+    # The library code the answer must not call (modules, or "module:Name"): switched off in the process that
+    # serves the answer while its tests run, and flagged when a submission imports it (see `forbidden`).
+    mirrors: tuple[str, ...] = ()
+    # What the student's process loads before any student code runs, so that each test's child inherits it
+    # instead of loading it again (names in `support.WARM`: a model, a tokenizer).
+    warm: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.id or not self.id.replace("_", "").isalnum():

@@ -1,9 +1,12 @@
-"""Library code an exercise must not call: switched off while the exercise's tests run.
+"""Library code an exercise must not call: switched off, in the process serving the answer, while a test runs.
 
 An exercise that mirrors a library function (group-wise int4 mirrors `llminfer.quant.formats`) is worth nothing if
-the answer may import that function. While a test runs, every function defined in the named modules raises
-Mismatch instead. Its code object is swapped, not its module attribute, so a name the answer imported earlier
-(`from llminfer.quant.formats import pack_int4`) is switched off too.
+the answer may import that function. An exercise names what it mirrors: a module ("llminfer.quant", with
+everything defined in it and below it) or one name in a module ("llminfer.kv.block_pool:BlockPool", a function or
+every method of a class). In the process that serves the answer each such function raises Mismatch instead. Its
+code object is swapped, not its module attribute, so a name the answer imported earlier
+(`from llminfer.quant.formats import pack_int4`) is switched off too. The references run in the scoring process,
+where nothing is switched off.
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from collections.abc import Callable, Iterator
 
 
 def library_loader(prefixes: tuple[str, ...]) -> Callable[[], None]:
-    """A setup hook that imports the modules once, in the grading process, so that every test can switch them off."""
+    """A hook that imports the named modules, so that they can be switched off."""
     def load() -> None:
         for name in prefixes:   # a package imports all of its modules
-            importlib.import_module(name)
+            importlib.import_module(name.split(":")[0])
 
     return load
 
@@ -39,9 +42,13 @@ def library_functions(prefixes: tuple[str, ...]) -> Iterator[types.FunctionType]
     """Every function and method defined in the loaded modules named by `prefixes` (or inside them)."""
     seen = set()
     for name, module in list(sys.modules.items()):
-        if not any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+        whole = any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes if ":" not in prefix)
+        named = {prefix.split(":")[1] for prefix in prefixes if prefix.split(":")[0] == name and ":" in prefix}
+        if not (whole or named) or module is None:
             continue
-        for value in list(vars(module).values()):
+        for key, value in list(vars(module).items()):
+            if not whole and key not in named:
+                continue
             members = list(vars(value).values()) if isinstance(value, type) and value.__module__ == name else [value]
             for member in members:
                 member = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
@@ -64,12 +71,3 @@ def switched_off(prefixes: tuple[str, ...]) -> Iterator[None]:
     finally:
         for function, code in saved.items():
             function.__code__ = code
-
-
-def without_library(prefixes: tuple[str, ...], run: Callable[[object], str]) -> Callable[[object], str]:
-    """A test's `run`, with the library switched off while it runs."""
-    def guarded(answer) -> str:
-        with switched_off(prefixes):
-            return run(answer)
-
-    return guarded

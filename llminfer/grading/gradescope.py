@@ -12,7 +12,9 @@ from pathlib import Path
 from llminfer.grading.exercise import ExerciseResult
 
 PACKAGE = "llminfer @ git+https://github.com/llminfer/llminfer"
-VENV = "/autograder/llminfer-venv"
+ROOT = "/autograder"
+VENV = f"{ROOT}/llminfer-venv"
+STUDENT = "student"   # the unprivileged user student code runs as
 
 
 def results_json(results: list[ExerciseResult], execution_time: float, output: str) -> dict:
@@ -42,27 +44,41 @@ apt-get install -y -q python3 python3-venv python3-pip git
 python3 -m venv {venv}
 {venv}/bin/pip install -q --index-url https://download.pytorch.org/whl/cpu torch
 {venv}/bin/pip install -q jupytext {package}
+# Student code runs as this user: it can read the grader's files, and write none of them.
+id -u {student} >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin {student}
+chmod -R go-w {venv}
 """
 
 RUN_AUTOGRADER = """\
 #!/usr/bin/env bash
-# Gradescope runs this for every submission: grade what the student uploaded, write the results.
-# (Made by `llminfer grade --make-autograder`.) Each test runs in its own process with a time limit.
-mkdir -p /autograder/results
-{venv}/bin/llminfer grade /autograder/submission {options} \\
-    --gradescope /autograder/results/results.json
+# Gradescope runs this for every submission, as root: grade what the student uploaded, write the results.
+# (Made by `llminfer grade --make-autograder`.) Student code runs as the user {student}, in a fresh folder,
+# with resource limits; the tests and the scores stay in this root process. Only root can write the results.
+set -u
+mkdir -p {root}/results
+chmod 755 {root}/results
+{command} grade {root}/submission {options}{run_as} \\
+    --gradescope {root}/results/results.json
 """
 
 
 def write_autograder(directory: Path, exercise_ids: list[str], timeout: float | None = None,
-                     package: str = PACKAGE) -> list[Path]:
-    """Write `setup.sh` and `run_autograder` into `directory` (zip the two to upload them); return their paths."""
+                     package: str = PACKAGE, root: str = ROOT, command: str | None = None,
+                     student: str | None = STUDENT) -> list[Path]:
+    """Write `setup.sh` and `run_autograder` into `directory` (zip the two to upload them); return their paths.
+
+    `root`, `command` (how to run llminfer) and `student` (None: do not switch users) are Gradescope's unless a
+    test simulates its layout elsewhere."""
     directory.mkdir(parents=True, exist_ok=True)
     options = " ".join([f"--exercise {shlex.quote(i)}" for i in exercise_ids]
                        + ([f"--timeout {timeout:g}"] if timeout else []))
+    command = command or f"{VENV}/bin/llminfer"
     files = {
-        directory / "setup.sh": SETUP_SH.format(venv=VENV, package=shlex.quote(package)),
-        directory / "run_autograder": RUN_AUTOGRADER.format(venv=VENV, options=options),
+        directory / "setup.sh": SETUP_SH.format(venv=VENV, package=shlex.quote(package),
+                                                student=student or STUDENT),
+        directory / "run_autograder": RUN_AUTOGRADER.format(
+            root=shlex.quote(root), command=command, options=options, student=student or "root",
+            run_as=f" --run-as {shlex.quote(student)}" if student else ""),
     }
     for path, text in files.items():
         path.write_text(text, encoding="utf-8", newline="\n")

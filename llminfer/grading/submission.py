@@ -59,7 +59,7 @@ def load_submission(path: str | Path, cell_timeout: float = CELL_TIMEOUT_S) -> t
     module = types.ModuleType(MODULE_NAME)
     module.__file__ = str(path)
     namespace, log = vars(module), []
-    with _as_module(module), _checks_do_nothing(), _printing_capped(), _on_path(path.parent):
+    with _as_module(module), _checks_do_nothing(), _printing_capped():
         for index, source in enumerate(code_cells(path), start=1):
             try:
                 with _time_limit(cell_timeout):
@@ -107,17 +107,6 @@ def _printing_capped() -> Iterator[None]:
     capture = CappedText()
     with contextlib.redirect_stdout(capture), contextlib.redirect_stderr(capture):
         yield
-
-
-@contextlib.contextmanager
-def _on_path(folder: Path) -> Iterator[None]:
-    """The submission's folder on sys.path, so it can import a module submitted beside it."""
-    sys.path.insert(0, str(folder))
-    try:
-        yield
-    finally:
-        if str(folder) in sys.path:
-            sys.path.remove(str(folder))
 
 
 @contextlib.contextmanager

@@ -14,10 +14,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+ROOT_HASH = 0   # the parent of a prompt's first block
+
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int]) -> int:
-    """The chained hash of a full block: it depends on every token before it, through the parent."""
-    return hash((parent_hash, tuple(token_ids)))
+    """The chained hash of a full block: it depends on every token before it, through the parent (None for the
+    first block). Python hashes tuples of ints the same way in every process and run, so the hashes do too."""
+    return hash((ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -54,5 +54,5 @@ EXERCISES = [
                  ExerciseTest("weights larger than the memory", 1, _fit_test(LLAMA3_8B, 10 * GB, 2, 512, 16)),
                  ExerciseTest("one KV head, tied embeddings", 1, _fit_test(SMALL_TIED, 3 * 10**6, 4, 77, 8)),
                  ExerciseTest("returns an int", 1, _returns_int, visible=False),
-             )),
+             )),   # kv_bytes_per_token and parameter_count are the building blocks the exercise hands out
 ]

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from llminfer.grading.compare import expect_close, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
 
+MIRRORS = ("llminfer.attention", "llminfer.kernels")   # llminfer's own attention and masks are switched off
+
 CHAPTER = "chapters/basics/02_attention"
 
 
@@ -64,7 +66,7 @@ ATTENTION_TESTS = (
 
 EXERCISES = [
     Exercise("causal_mask", "the causal mask of a chunk of queries", CHAPTER, "causal_mask", reference_causal_mask,
-             CAUSAL_MASK_TESTS),
+             CAUSAL_MASK_TESTS, mirrors=MIRRORS),
     Exercise("attention", "causal attention with grouped-query heads", CHAPTER, "attention", reference_attention,
-             ATTENTION_TESTS),
+             ATTENTION_TESTS, mirrors=MIRRORS),
 ]

@@ -14,19 +14,20 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
-from functools import cache
+import time
+from functools import cache, lru_cache
 
 import torch
 
-from llminfer.engine.llm_engine import LLMEngine
 from llminfer.engine.scheduler import Scheduler, SchedulerOutput
+from llminfer.engine.sequence import RequestStatus
 from llminfer.grading.compare import Mismatch
 from llminfer.grading.exercise import Exercise, ExerciseTest
-from llminfer.models.loader import load_model
-from llminfer.sampling import SamplingParams
+from llminfer.grading.remote import RemoteAnswer
+from llminfer.grading.support import AMPLE, SCARCE, Served, Workload
+from llminfer.grading.support import serve as support_serve
 
 CHAPTER = "chapters/engine/07_batching"
-MODEL = "tiny-shakespeare-draft"
 FULL_MARKS_STEPS, SOME_MARKS_STEPS = 1.25, 2.0   # of the reference scheduler's steps
 
 
@@ -39,102 +40,73 @@ class ReferenceShortestPromptFirst(Scheduler):
         return super().schedule()
 
 
-@dataclass(frozen=True)
-class Workload:
-    """Requests (prompt token ids, output length) and the engine that serves them."""
+class _Replay(Scheduler):
+    """Schedules exactly the steps a policy planned in the answer's process (`plans`), checking that each can be
+    carried out: the engine here then computes every token, so what the tests judge happened in this process."""
 
-    requests: tuple[tuple[tuple[int, ...], int], ...]
-    num_kv_blocks: int
-    block_size: int = 8
-    max_num_seqs: int = 4
-    max_num_batched_tokens: int = 32
-    max_model_len: int = 64
+    plans: tuple = ()
 
-
-def _requests(seed: int, count: int, vocab: int = 2048) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """Random prompts of 3 to 40 token ids (2048: the shipped models' vocabulary) and 4 to 20 output tokens."""
-    rng = random.Random(seed)
-    return tuple((tuple(rng.randrange(vocab) for _ in range(rng.randint(3, 40))), rng.randint(4, 20))
-                 for _ in range(count))
-
-
-AMPLE = Workload(_requests(seed=7, count=10), num_kv_blocks=64)
-SCARCE = Workload(AMPLE.requests, num_kv_blocks=9)   # room for about two requests: the engine must preempt
-
-
-@dataclass
-class Served:
-    """One run of a workload: every request's output tokens, the engine (its trace and pool), and the steps."""
-
-    outputs: dict[str, list[int]]
-    engine: LLMEngine
-
-    @property
-    def steps(self) -> int:
-        return len(self.engine.trace)
-
-
-@cache
-def _model():
-    return load_model(MODEL, device="cpu", dtype=torch.float32)
-
-
-def serve(policy: type[Scheduler], workload: Workload) -> Served:
-    """Serve every request of `workload` with an engine using `policy`, on one thread (as the forked tests run;
-    this model's tiny operations gain nothing from more, and lose much on a busy machine). A Mismatch says what
-    went wrong if the policy deadlocks, drops a request or runs far longer than any sensible policy would."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _serve(policy, workload)
-    finally:
-        torch.set_num_threads(threads)
+    def schedule(self) -> SchedulerOutput:
+        step = getattr(self, "step", 0)
+        self.step = step + 1
+        if step >= len(self.plans):
+            raise Mismatch(f"the policy's run ended after {len(self.plans)} steps with requests unfinished")
+        scheduled, preempted = self.plans[step]
+        out = SchedulerOutput()
+        requests = {seq.request_id: seq for seq in [*self.running, *self.waiting]}
+        for request_id in preempted:
+            seq = requests.get(request_id)
+            if seq is None or seq not in self.running:
+                raise Mismatch(f"step {step}: the plan preempts request {request_id!r}, which is not running")
+            self.running.remove(seq)
+            self._preempt(seq)
+            out.preempted.append(seq)
+        for request_id, n in scheduled:
+            seq = requests.get(request_id)
+            if seq is None or any(seq is done for done, _ in out.scheduled):
+                raise Mismatch(f"step {step}: the plan schedules request {request_id!r} twice, or one that has "
+                               "finished or does not exist")
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                seq.num_computed_tokens, seq.block_hashes, seq.status = 0, [], RequestStatus.RUNNING
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time, seq.num_cached_tokens = time.perf_counter(), 0
+                self.running.append(seq)
+                out.prefix_hits[request_id] = 0
+            pending = seq.num_tokens - seq.num_computed_tokens
+            if not 1 <= n <= pending:
+                raise Mismatch(f"step {step}: the plan gives request {request_id!r} {n} tokens with {pending} to compute")
+            if not self.pool.allocate(seq.block_table, seq.num_computed_tokens + n):
+                raise Mismatch(f"step {step}: the plan gives request {request_id!r} {n} tokens, but its KV blocks do "
+                               f"not fit in the {self.pool.num_free_blocks} free ones")
+            out.scheduled.append((seq, n))
+        return out
 
 
-def _serve(policy: type[Scheduler], workload: Workload) -> Served:
-    model, tokenizer = _model()
-    engine = LLMEngine(model, tokenizer, block_size=workload.block_size, num_kv_blocks=workload.num_kv_blocks,
-                       max_num_seqs=workload.max_num_seqs, max_num_batched_tokens=workload.max_num_batched_tokens,
-                       max_model_len=workload.max_model_len, enable_prefix_caching=False, scheduler_cls=policy)
-    if not isinstance(engine.scheduler, Scheduler):
-        raise Mismatch(f"the policy made a {type(engine.scheduler).__name__}, expected a subclass of Scheduler")
-    for index, (prompt, output_len) in enumerate(workload.requests):
-        engine.add_request(str(index), {"prompt_token_ids": list(prompt)},
-                           SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False))
-    plans: list[SchedulerOutput] = []
-    schedule = engine.scheduler.schedule
+def _plans(data: object) -> tuple:
+    """The plans as the answer's process sent them, checked to be ([(id, tokens), ...], [ids]) per step."""
+    def pair(item) -> bool:
+        return type(item) is tuple and len(item) == 2 and type(item[0]) is str and type(item[1]) is int
 
-    def recorded_schedule() -> SchedulerOutput:
-        plans.append(schedule())
-        return plans[-1]
+    if type(data) is not list or not all(
+            type(plan) is tuple and len(plan) == 2 and type(plan[0]) is list and all(map(pair, plan[0]))
+            and type(plan[1]) is list and all(type(i) is str for i in plan[1]) for plan in data):
+        raise Mismatch("the policy's run did not come back as a list of steps")
+    return tuple((tuple(plan[0]), tuple(plan[1])) for plan in data)
 
-    engine.scheduler.schedule = recorded_schedule
-    # Every step computes at least one token, so a policy that needs more steps than this is stuck.
-    step_cap = 2 * sum(len(prompt) + output_len for prompt, output_len in workload.requests) + 50
-    outputs, step = {}, 0
-    while engine.has_unfinished_requests():
-        if step == step_cap:
-            where = {i: "waiting" if seq in engine.scheduler.waiting else "running"
-                     if seq in engine.scheduler.running else "in no queue" for i, seq in engine.requests.items()}
-            raise Mismatch(f"not done after {step_cap} engine steps (the reference scheduler needs far fewer): "
-                           f"unfinished requests {where}")
-        recorded, planned = len(engine.trace), len(plans)
-        try:
-            finished = [out for out in engine.step() if out.finished]
-        except RuntimeError:
-            if len(plans) == planned or plans[-1].scheduled or not engine.scheduler.has_unfinished():
-                raise   # raised by the policy itself, or by something other than an empty plan
-            # The engine refuses a step that schedules nothing while requests wait: say why, in the policy's terms.
-            pool = engine.pool
-            raise Mismatch(f"step {step}: the policy scheduled nothing while {len(engine.scheduler.waiting)} "
-                           f"requests waited and {len(engine.scheduler.running)} ran, with {pool.num_free_blocks} of "
-                           f"{pool.num_blocks} KV blocks free (a deadlock)") from None
-        if len(engine.trace) == recorded:   # nothing ran, and the scheduler holds nothing: requests were lost
-            raise Mismatch(f"step {step}: requests {sorted(engine.requests, key=int)} are neither waiting nor "
-                           "running: the policy dropped them")
-        outputs.update((out.request_id, out.outputs[0].token_ids) for out in finished)
-        step += 1
-    return Served(outputs, engine)
+
+def serve(policy, workload: Workload) -> Served:
+    """Serve `workload` with `policy`. An answer in another process runs the workload there and sends the steps it
+    planned; they are replayed here, by a scheduler that checks each one, on this process's engine."""
+    if not isinstance(policy, RemoteAnswer):
+        return support_serve(policy, workload)
+    return _replayed(_plans(policy.harness("policy_plans", workload.plain())), workload)
+
+
+@lru_cache(maxsize=8)
+def _replayed(plans: tuple, workload: Workload) -> Served:
+    replay = type("Replay", (_Replay,), {"plans": plans})
+    return support_serve(replay, workload)
 
 
 @cache
@@ -257,5 +229,6 @@ POLICY_TESTS = (
 
 EXERCISES = [
     Exercise("scheduling_policy", "a shortest-prompt-first policy in the real engine", CHAPTER,
-             "ShortestPromptFirst", ReferenceShortestPromptFirst, POLICY_TESTS, timeout=60.0, setup=_prepare),
+             "ShortestPromptFirst", ReferenceShortestPromptFirst, POLICY_TESTS, timeout=60.0, setup=_prepare,
+             warm=("batching_model",)),
 ]

@@ -81,5 +81,5 @@ EXERCISES = [
         ExerciseTest("an append that does not fit raises ValueError and changes nothing", 2, _refuses_overflow),
         ExerciseTest("an fp16 cache stores and returns fp16", 1, _steps([4, 1], 2, 24, seed=45, dtype=torch.float16),
                      visible=False),
-    )),
+    ), mirrors=("llminfer.kv.contiguous", "llminfer.attention")),
 ]

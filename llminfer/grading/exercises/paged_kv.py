@@ -16,6 +16,8 @@ import torch
 
 from llminfer.grading.compare import Mismatch, expect_close, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
+from llminfer.grading.remote import run_kernel
+from llminfer.grading.support import PAGED_BLOCK_N as BLOCK_N
 from llminfer.kernels import paged_attention_decode_reference
 from llminfer.kv import BlockPool
 
@@ -221,27 +223,6 @@ BLOCK_ALLOCATOR_TESTS = (
 
 # --- the paged decode kernel -----------------------------------------------------------------------------------
 
-BLOCK_N = 16   # positions per tile: contexts longer than this take several iterations
-
-
-def paged_decode(kernel, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Launch `kernel` with one program per (sequence, query head); return the output [num_seqs, num_heads, head_dim].
-
-    q: [num_seqs, num_heads, head_dim]; k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim];
-    block_tables: [num_seqs, max_blocks] int32, padded with -1; seq_lens: [num_seqs] int32, at least 1.
-    """
-    num_seqs, num_heads, head_dim = q.shape
-    out = torch.empty_like(q)
-    kernel[(num_seqs, num_heads)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, scale,
-        q.stride(0), q.stride(1), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=num_heads // k_cache.shape[2], BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_N=BLOCK_N,
-    )
-    return out
-
-
 def _reference_kernel(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
                       stride_q_seq, stride_q_head, stride_table, stride_block, stride_slot, stride_head,
                       GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -283,38 +264,6 @@ def _reference_kernel(q, k_cache, v_cache, block_tables, seq_lens, out, scale,
 reference_paged_decode_kernel = triton.jit(_reference_kernel) if triton is not None else _reference_kernel
 
 
-def _device_for(kernel) -> torch.device:
-    """Where the kernel runs: the CPU under the interpreter, else the GPU (a clear error if there is none)."""
-    if triton is None:
-        raise Mismatch("Triton is not installed here (it ships for Linux): this exercise needs it")
-    if not isinstance(kernel, triton.runtime.KernelInterface):
-        raise Mismatch(f"the answer is a {type(kernel).__name__}, not a Triton kernel: decorate it with @triton.jit")
-    if isinstance(kernel, InterpretedFunction):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise Mismatch("the kernel was compiled for a GPU and there is none: set os.environ['TRITON_INTERPRET'] = "
-                       "'1' before the kernel is defined (the notebook's first cell does), then define it again")
-    return torch.device("cuda")
-
-
-def _launch_on(device: torch.device, launch: Callable, kernel, tensors: tuple, *extra):
-    """launch(kernel, *tensors moved to `device`, *extra), with the student's own error shown when it fails."""
-    try:
-        args = [t.to(device) for t in tensors]
-    except RuntimeError as exc:  # each test runs in a forked process, where CUDA cannot start once the parent used it
-        raise Mismatch(f"CUDA cannot start in the grader's forked process ({exc}); restart the notebook and check "
-                       "before anything uses the GPU, or set TRITON_INTERPRET=1 in the first cell to grade the "
-                       "kernel through the interpreter on the CPU") from None
-    try:
-        return launch(kernel, *args, *extra)
-    except InterpreterError as exc:  # the interpreter wraps the kernel's own exception: show that one
-        raise (exc.__cause__ or exc) from None
-    except CompilationError as exc:  # compiled, a stub's `raise` is a syntax Triton does not take
-        if isinstance(exc.node, ast.Raise) and "NotImplementedError" in ast.unparse(exc.node):
-            raise NotImplementedError from None
-        raise
-
-
 def _paged_inputs(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                   seed: int, dtype: torch.dtype):
     """A pool with more blocks than needed, every slot holding random values (stale ones included), and block
@@ -337,13 +286,12 @@ def _paged_inputs(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_d
 def _kernel_test(seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, seed: int,
                  scale: float = 0.3, dtype: torch.dtype = torch.float32):
     def run(kernel) -> str:
-        device = _device_for(kernel)
         q, k_cache, v_cache, tables, lens = _paged_inputs(seq_lens, num_heads, num_kv_heads, head_dim, block_size,
                                                           seed, dtype)
         # The reference in fp32 (fp16 matmuls are missing on some CPUs), compared at the dtype's tolerance.
         expected = paged_attention_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens, scale,
                                                     max(seq_lens)).to(dtype)
-        out = _launch_on(device, paged_decode, kernel, (q, k_cache, v_cache, tables, lens), scale)
+        out = run_kernel(kernel, "paged_decode", (q, k_cache, v_cache, tables, lens), scale)
         return expect_close(out, expected, "the output")
 
     return run
@@ -366,8 +314,9 @@ PAGED_DECODE_TESTS = (
 
 EXERCISES = [
     Exercise("block_allocator", "a block allocator with reference counts", CHAPTER, "BlockAllocator",
-             ReferenceBlockAllocator, BLOCK_ALLOCATOR_TESTS),
+             ReferenceBlockAllocator, BLOCK_ALLOCATOR_TESTS, mirrors=("llminfer.kv.block_pool",)),
     # The interpreter runs a kernel ~1000x slower than compiled: give each test more time.
     Exercise("paged_decode_kernel", "a Triton kernel for paged decode attention", CHAPTER, "paged_decode_kernel",
-             reference_paged_decode_kernel, PAGED_DECODE_TESTS, timeout=60.0),
+             reference_paged_decode_kernel, PAGED_DECODE_TESTS, timeout=60.0,
+             mirrors=("llminfer.kernels", "llminfer.attention")),
 ]

@@ -10,6 +10,11 @@ from llminfer.grading.compare import Mismatch, expect_equal_number
 from llminfer.grading.exercise import Exercise, ExerciseTest
 from llminfer.models.config import ModelConfig
 from llminfer.models.registry import SHIPPED
+from llminfer.grading import wire
+from llminfer.grading.remote import send_type_as_recipe
+
+# A model's shape crosses to the answer's process as its fields, rebuilt there (support.RECIPES).
+send_type_as_recipe(ModelConfig, lambda config: wire.Recipe("model_config", (dataclasses.asdict(config),)))
 
 CHAPTER = "chapters/basics/05_performance"
 
@@ -56,5 +61,5 @@ EXERCISES = [
                  ExerciseTest("tied embeddings, q/k/v biases, one KV head, batch 3", 2,
                               _bytes_test(SMALL_TIED, 37, 4, 3)),
                  ExerciseTest("returns an int", 1, _returns_int, visible=False),
-             )),
+             ), mirrors=("llminfer.bench.roofline:forward_bytes", "llminfer.bench.roofline:arithmetic_intensity")),
 ]

@@ -37,5 +37,5 @@ EXERCISES = [
         ExerciseTest("theta = 500000 (Llama 3)", 1, _rope_test(list(range(6)), 1, 32, seed=35, theta=500000.0)),
         ExerciseTest("fp16 in, fp16 out (angles in fp32)", 1,
                      _rope_test([0, 1, 700, 1023], 2, 24, seed=36, dtype=torch.float16), visible=False),
-    )),
+    ), mirrors=("llminfer.models.llama",)),
 ]

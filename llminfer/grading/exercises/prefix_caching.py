@@ -10,6 +10,8 @@ from llminfer.grading.compare import Mismatch
 from llminfer.grading.exercise import Exercise, ExerciseTest
 from llminfer.kv import BlockPool
 
+MIRRORS = ("llminfer.kv.block_pool:BlockPool",)   # hash_block is the building block handed out; the pool is not
+
 CHAPTER = "chapters/engine/09_prefix_caching"
 
 
@@ -128,7 +130,7 @@ CACHED_PREFIX_TESTS = (
 
 EXERCISES = [
     Exercise("prefix_hash", "chained hashes of a prompt's full blocks", CHAPTER, "block_hashes",
-             reference_block_hashes, BLOCK_HASH_TESTS),
+             reference_block_hashes, BLOCK_HASH_TESTS, mirrors=MIRRORS),
     Exercise("cached_prefix", "the longest cached prefix of a prompt", CHAPTER, "cached_prefix",
-             reference_cached_prefix, CACHED_PREFIX_TESTS),
+             reference_cached_prefix, CACHED_PREFIX_TESTS, mirrors=MIRRORS),
 ]

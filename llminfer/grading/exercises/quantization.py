@@ -12,8 +12,9 @@ import torch
 
 from llminfer.grading.compare import Mismatch, expect_close, expect_tensor, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
-from llminfer.grading.exercises.paged_kv import _device_for, _launch_on
-from llminfer.grading.forbidden import library_loader, without_library
+from llminfer.grading.remote import run_kernel
+from llminfer.grading.support import GEMV_BLOCK_K as BLOCK_K
+from llminfer.grading.support import GEMV_BLOCK_N as BLOCK_N
 
 try:
     import triton
@@ -292,26 +293,6 @@ GPTQ_TESTS = (
 
 # --- the int4 GEMV kernel ---------------------------------------------------------------------------------------
 
-BLOCK_N = 16   # output features per program
-BLOCK_K = 32   # input features per step of a program's loop
-
-
-def int4_gemv(kernel, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int) -> torch.Tensor:
-    """x [tokens, in] @ W.T -> [tokens, out] in x's dtype, for W [out, in] in group-wise int4: packed uint8
-    [out, in / 2], scales fp32 and zeros uint8 [out, in / group_size]. Launches `kernel` on contiguous tensors
-    with one program per (token, BLOCK_N output features)."""
-    tokens, in_features = x.shape
-    out_features = packed.shape[0]
-    x, packed, scales, zeros = (t.contiguous() for t in (x, packed, scales, zeros))
-    out = torch.empty(tokens, out_features, dtype=x.dtype, device=x.device)
-    kernel[(tokens, triton.cdiv(out_features, BLOCK_N))](
-        x, packed, scales, zeros, out, out_features, in_features,
-        GROUP_SIZE=group_size, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-    )
-    return out
-
-
 def _reference_kernel(x, packed, scales, zeros, out, out_features, in_features,
                       GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The exercise's solution: BLOCK_N rows of W for one token, BLOCK_K input features at a time, each tile of W
@@ -343,12 +324,11 @@ reference_int4_gemv_kernel = triton.jit(_reference_kernel) if triton is not None
 def _gemv_test(tokens: int, out_features: int, in_features: int, group_size: int, seed: int,
                dtype: torch.dtype = torch.float32):
     def run(kernel) -> str:
-        device = _device_for(kernel)
         packed, scales, zeros = _random_int4(out_features, in_features, group_size, seed)
         x = torch.randn(tokens, in_features, generator=seeded(seed + 1)).to(dtype)
         weight = reference_dequantize_int4_packed(packed, scales, zeros, group_size)
         expected = (x.double() @ weight.double().T).to(dtype)
-        out = _launch_on(device, int4_gemv, kernel, (x, packed, scales, zeros), group_size)
+        out = run_kernel(kernel, "int4_gemv", (x, packed, scales, zeros), group_size)
         return expect_close(out, expected, "the output")
 
     return run
@@ -366,21 +346,15 @@ GEMV_TESTS = (
 )
 
 
-def _guarded(tests: tuple[ExerciseTest, ...]) -> tuple[ExerciseTest, ...]:
-    return tuple(ExerciseTest(t.name, t.points, without_library(LIBRARY, t.run), t.visible) for t in tests)
-
-
-_load_library = library_loader(LIBRARY)
-
-
 EXERCISES = [
     Exercise("int4_quantize_pack", "group-wise int4: quantize, two codes per byte", CHAPTER, "quantize_int4_packed",
-             reference_quantize_int4_packed, _guarded(QUANTIZE_TESTS), setup=_load_library),
+             reference_quantize_int4_packed, QUANTIZE_TESTS, mirrors=LIBRARY),
     Exercise("int4_unpack_dequantize", "group-wise int4: unpack and dequantize", CHAPTER, "dequantize_int4_packed",
-             reference_dequantize_int4_packed, _guarded(DEQUANTIZE_TESTS), setup=_load_library),
+             reference_dequantize_int4_packed, DEQUANTIZE_TESTS, mirrors=LIBRARY),
     Exercise("gptq_block_update", "one block of GPTQ: quantize columns, compensate the rest", CHAPTER,
-             "gptq_quantize_block", reference_gptq_quantize_block, _guarded(GPTQ_TESTS), setup=_load_library),
+             "gptq_quantize_block", reference_gptq_quantize_block, GPTQ_TESTS, mirrors=LIBRARY),
     # The interpreter runs a kernel ~1000x slower than compiled: give each test more time.
     Exercise("int4_gemv_triton", "a Triton kernel: int4 weights dequantized inside a GEMV", CHAPTER,
-             "int4_gemv_kernel", reference_int4_gemv_kernel, GEMV_TESTS, timeout=60.0),
+             "int4_gemv_kernel", reference_int4_gemv_kernel, GEMV_TESTS, timeout=60.0,
+             mirrors=(*LIBRARY, "llminfer.kernels")),
 ]

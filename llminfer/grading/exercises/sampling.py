@@ -8,6 +8,8 @@ from llminfer.grading.compare import Mismatch, expect_close, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
 from llminfer.sampling import apply_min_p, apply_top_p
 
+MIRRORS = ("llminfer.sampling",)   # the answer may not call llminfer's own filters
+
 CHAPTER = "chapters/basics/01_prompt_to_text"
 
 
@@ -73,6 +75,8 @@ def _min_p_tests() -> tuple[ExerciseTest, ...]:
 
 
 EXERCISES = [
-    Exercise("top_p", "top-p (nucleus) filtering of logits", CHAPTER, "apply_top_p", apply_top_p, _top_p_tests()),
-    Exercise("min_p", "min-p filtering of logits", CHAPTER, "apply_min_p", apply_min_p, _min_p_tests()),
+    Exercise("top_p", "top-p (nucleus) filtering of logits", CHAPTER, "apply_top_p", apply_top_p, _top_p_tests(),
+             mirrors=MIRRORS),
+    Exercise("min_p", "min-p filtering of logits", CHAPTER, "apply_min_p", apply_min_p, _min_p_tests(),
+             mirrors=MIRRORS),
 ]

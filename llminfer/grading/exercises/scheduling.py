@@ -12,7 +12,10 @@ from numbers import Integral
 from llminfer.engine.scheduler import Scheduler
 from llminfer.engine.sequence import RequestStatus, Sequence
 from llminfer.grading.compare import Mismatch
+from llminfer.grading import wire
 from llminfer.grading.exercise import Exercise, ExerciseTest
+from llminfer.grading.remote import send_type_as_recipe
+from llminfer.grading.support import make_request
 from llminfer.kv.block_pool import BlockPool, blocks_needed
 from llminfer.sampling import SamplingParams
 
@@ -20,13 +23,9 @@ CHAPTER = "chapters/engine/08_scheduling"
 BLOCK_SIZE = 16
 
 
-def make_request(request_id: str, num_tokens: int, num_computed_tokens: int = 0) -> Sequence:
-    """A request of `num_tokens` tokens, `num_computed_tokens` of which are in the KV cache."""
-    if not 0 <= num_computed_tokens < num_tokens:
-        raise ValueError(f"need 0 <= num_computed_tokens < num_tokens, got {num_computed_tokens} of {num_tokens}")
-    seq = Sequence(request_id, None, list(range(1, num_tokens + 1)), SamplingParams(temperature=0), frozenset())
-    seq.num_computed_tokens = num_computed_tokens
-    return seq
+# The requests cross to the answer's process as (id, tokens, tokens computed), rebuilt there by make_request.
+send_type_as_recipe(Sequence, lambda seq: wire.Recipe("sequence", (seq.request_id, seq.num_tokens,
+                                                                   seq.num_computed_tokens)))
 
 
 def reference_schedule_step(running: list[Sequence], waiting: list[Sequence], max_num_batched_tokens: int,
@@ -119,5 +118,5 @@ SCHEDULE_STEP_TESTS = (
 
 EXERCISES = [
     Exercise("schedule_step", "one step of the token-budget scheduler", CHAPTER, "schedule_step",
-             reference_schedule_step, SCHEDULE_STEP_TESTS),
+             reference_schedule_step, SCHEDULE_STEP_TESTS, mirrors=("llminfer.engine.scheduler",)),
 ]

@@ -20,11 +20,12 @@ from functools import cache
 
 from llminfer.grading.compare import Mismatch
 from llminfer.grading.exercise import Exercise, ExerciseTest
-from llminfer.grading.forbidden import library_loader, without_library
+from llminfer.grading import support
+from llminfer.grading.remote import send_as_recipe
 
 CHAPTER = "chapters/deployment/11_serving"
 LIBRARY = ("llminfer.serve.detokenizer", "llminfer.serve.sse")   # switched off while a test runs
-MODEL = "tiny-shakespeare"
+MODEL = support.SERVING_MODEL
 REPLACEMENT = "\ufffd"   # what decoding yields for an incomplete (or invalid) UTF-8 sequence
 
 PLAY = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -33,21 +34,10 @@ HARD_TEXTS = ("Hello 😀 world 🇯🇵!", "日本語のテキスト、そし�
               "a\n\nb\n\n\nc", "é" * 7, "👩‍👩‍👧 family, 한국어, Ελληνικά")
 
 
-@cache
 def _tokenizer():
-    """The shipped model's byte-level BPE tokenizer: one token can hold part of a character's bytes."""
-    from llminfer.models.loader import load_tokenizer
-    from llminfer.models.registry import resolve_model_path
-
-    return load_tokenizer(resolve_model_path(MODEL))
-
-
-_load_library = library_loader(LIBRARY)
-
-
-def _prepare() -> None:
-    _load_library()
-    _tokenizer()
+    """The shipped model's byte-level BPE tokenizer: one token can hold part of a character's bytes. It crosses to
+    the answer's process by name, and is loaded there."""
+    return send_as_recipe(support.tokenizer(MODEL), "tokenizer", MODEL)
 
 
 def _first_difference(a: Sequence, b: Sequence) -> int:
@@ -461,14 +451,10 @@ SSE_TESTS = (
 )
 
 
-def _guarded(tests: tuple[ExerciseTest, ...]) -> tuple[ExerciseTest, ...]:
-    return tuple(ExerciseTest(t.name, t.points, without_library(LIBRARY, t.run), t.visible) for t in tests)
-
-
 EXERCISES = [
     Exercise("sse_parse", "reading a server-sent-event stream", CHAPTER, "parse_sse", reference_parse_sse,
-             _guarded(SSE_TESTS), setup=_load_library),
+             SSE_TESTS, mirrors=LIBRARY),
     Exercise("incremental_detokenizer", "streaming text: an incremental detokenizer", CHAPTER,
-             "IncrementalDetokenizer", ReferenceIncrementalDetokenizer, _guarded(DETOKENIZER_TESTS),
-             setup=_prepare),
+             "IncrementalDetokenizer", ReferenceIncrementalDetokenizer, DETOKENIZER_TESTS,
+             setup=_tokenizer, mirrors=LIBRARY, warm=("tokenizer",)),
 ]

@@ -10,7 +10,10 @@ import torch
 
 from llminfer.grading.compare import Mismatch, seeded
 from llminfer.grading.exercise import Exercise, ExerciseTest
+from llminfer.grading.remote import call_each
 from llminfer.spec import Draft, find_ngram_continuation, verify_draft
+
+MIRRORS = ("llminfer.spec",)   # llminfer's own proposers and verifier are switched off while a test runs
 
 CHAPTER = "chapters/optimization/17_speculative_decoding"
 MIN_PVALUE = 1e-3   # a right answer fails a test with about this probability; the reference's seeds pass
@@ -62,10 +65,12 @@ def _statistical(position: int, trials: int, vocab: int = 6, k: int = 2, seed: i
         p, q = _distributions(vocab, k, seed, mix=mix)
         g = seeded(seed + 1)
         counts = torch.zeros(vocab)
-        for _ in range(trials):
-            drafts = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(k)]
-            out = _check_output(verify(drafts, q.clone(), p.clone(), g), k, vocab)
-            if len(out) > position and out[:position] == drafts[:position]:
+        # All drafts first, then one batch of calls: the answer draws from its own copy of g's stream.
+        drafts = torch.stack([torch.multinomial(q[i], trials, replacement=True, generator=g) for i in range(k)], 1)
+        calls = [(row, q.clone(), p.clone(), g) for row in drafts.tolist()]
+        for row, out in zip(drafts.tolist(), call_each(verify, calls), strict=True):
+            out = _check_output(out, k, vocab)
+            if len(out) > position and out[:position] == row[:position]:
                 counts[out[position]] += 1
         if counts.sum() < trials / 20:
             raise Mismatch(f"only {int(counts.sum())} of {trials} verifications reached position {position}: "
@@ -98,8 +103,8 @@ def _never_accepted(verify) -> str:
     p[0, 2] = 0.0
     p[0] /= p[0].sum()
     g = seeded(10)
-    for _ in range(50):
-        out = _check_output(verify([2], q.clone(), p.clone(), g), 1, 5)
+    for out in call_each(verify, [([2], q.clone(), p.clone(), g)] * 50):
+        out = _check_output(out, 1, 5)
         if out[0] == 2 or len(out) != 1:
             raise Mismatch(f"draft 2 has target probability 0: it must be rejected and replaced, got {out}")
     return "rejected 50 times out of 50"
@@ -175,6 +180,7 @@ NGRAM_TESTS = (
 
 EXERCISES = [
     Exercise("spec_verify", "the verification step of speculative decoding", CHAPTER, "verify_tokens",
-             reference_verify, VERIFY_TESTS, timeout=30.0),
-    Exercise("ngram_lookup", "n-gram prompt lookup", CHAPTER, "ngram_draft", reference_ngram, NGRAM_TESTS),
+             reference_verify, VERIFY_TESTS, timeout=30.0, mirrors=MIRRORS),
+    Exercise("ngram_lookup", "n-gram prompt lookup", CHAPTER, "ngram_draft", reference_ngram, NGRAM_TESTS,
+             mirrors=MIRRORS),
 ]
