@@ -92,9 +92,11 @@ def _run_grade(args: argparse.Namespace, start: float) -> int:
             raise ValueError(f"--run-as {args.run_as} needs root (the grader switches to that user to run student "
                              "code)")
     files = submission_files(args.paths)
-    if not args.run_as and hasattr(os, "geteuid") and os.geteuid() == 0:
+    if not args.run_as and hasattr(os, "geteuid"):   # say which containment this run cannot give
         print("llminfer grade: running as root without --run-as: student code runs as root too, and can write any "
-              "file (scores are still decided here; pass --run-as USER to contain it)", file=sys.stderr)
+              "file (scores are still decided here; pass --run-as USER to contain it)" if os.geteuid() == 0 else
+              "llminfer grade: without --run-as, student code can write what you can, and the process-count limit "
+              "does not apply (the kernel counts processes per user)", file=sys.stderr)
     become_subreaper()   # what a submission starts and detaches still ends up ours, to be stopped
     limits = Limits(memory_bytes=int(args.memory_limit * 2**30), load_seconds=args.load_timeout)
     results, notes = grade_files(files, exercises, args.timeout, limits, args.run_as)
