@@ -559,7 +559,11 @@ class StudentProcess:
             return False, f"no function or class named {target!r} is defined", ""
         deadline = time.monotonic() + timeout
         channel = Channel(self.requests, self.replies, deadline)
-        wire.send(self.requests, {"op": "test", "target": target, "mirrors": list(self.targets[target])})
+        try:
+            wire.send(self.requests, {"op": "test", "target": target, "mirrors": list(self.targets[target])})
+        except OSError:   # it ended between tests (a thread of the submission's, exiting): this test cannot run
+            self.stop()
+            return False, "the submission's process ended between tests (does its code exit by itself?)", ""
 
         def finish(killed: bool) -> int | None:
             if killed:
