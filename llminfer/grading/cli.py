@@ -2,7 +2,7 @@
 results.json; or write the autograder files Gradescope needs.
 
 Student code never runs in this process. Each submission file is loaded in its own isolated, resource-limited
-process (`remote.StudentProcess`; as an unprivileged user with `--run-as`), which serves the answers; the tests
+process (`contained.StudentProcess`; as an unprivileged user with `--run-as`), which serves the answers; the tests
 run here, compute the expected values here and score here. The exit status is 0 whatever the score; it is 2
 only when grading itself cannot run (a missing file, an unknown exercise id, nothing to grade), and then a
 results.json asked for still says why.
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from llminfer.grading.contained import Limits, StudentProcess, become_subreaper
 from llminfer.grading.exercise import Exercise, ExerciseResult
 from llminfer.grading.gradescope import PACKAGE, results_json, write_autograder
 from llminfer.grading.registry import all_exercises, get_exercise
-from llminfer.grading.remote import Limits, StudentProcess, become_subreaper
 from llminfer.grading.runner import grade_exercise
 from llminfer.grading.student import FORBIDDEN_PACKAGE
 from llminfer.grading.submission import SUFFIXES, code_cells, without_magics

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from llminfer.grading.contained import StudentProcess
 from llminfer.grading.exercise import Exercise, ExerciseResult, Outcome
-from llminfer.grading.remote import StudentProcess, run_test_in_fork
+from llminfer.grading.remote import run_test_in_fork
 
 
 def grade_exercise(exercise: Exercise, candidate: object | None, timeout: float | None = None,
